@@ -1,0 +1,44 @@
+"""The ``denoiseg`` command line: one module per command group, joined here.
+
+Plugins add commands through the ``denoiseg_register_commands`` hook (the ``zoo`` group
+is added that way). A :class:`~denoiseg_core.errors.DenoiSegError` is printed as one
+line on stderr with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from denoiseg_core.errors import DenoiSegError
+
+
+def build_app() -> typer.Typer:
+    from denoiseg_core.cli import demo, evaluate, plugins, predict, train
+    from denoiseg_core.plugin_manager import get_plugin_manager
+
+    app = typer.Typer(
+        name="denoiseg",
+        help="DenoiSeg: joint self-supervised denoising and few-shot segmentation of microscopy images.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    for module in (train, predict, evaluate, demo):
+        module.register(app)
+    app.add_typer(plugins.app, name="plugins", help="Installed plugins and their components.")
+    get_plugin_manager().hook.denoiseg_register_commands(app=app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app = build_app()
+        app(args=argv, standalone_mode=True)
+    except DenoiSegError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)

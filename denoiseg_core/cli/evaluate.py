@@ -1,0 +1,7 @@
+"""`denoiseg evaluate` (being written)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

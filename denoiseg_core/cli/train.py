@@ -1,0 +1,7 @@
+"""`denoiseg train` (being written)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,184 @@
+"""The run configuration: one strict pydantic model, read from YAML with ``--set`` overrides.
+
+Unknown keys anywhere are rejected. Component parameters are validated against the
+parameter model each plugin declares (:func:`validate_components`), so a typo in a
+backbone parameter fails before any training starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from denoiseg_core.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentConfig(StrictModel):
+    """A component chosen by name, with its parameters (validated by the component's own model)."""
+
+    name: str = Field(description="registered component name (see `denoiseg plugins list`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="component parameters; unset ones take defaults")
+
+
+class ModelConfig(StrictModel):
+    backbone: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="unet"))
+    masking: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="n2v"))
+    head: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="three_class"))
+
+
+class DataConfig(StrictModel):
+    train: Path | None = Field(
+        None, description="folder with images/ (and masks/ for the labelled subset), or a DenoiSeg .npz file"
+    )
+    validation: Path | None = Field(None, description="validation folder (images/ + masks/); default: a held-out fraction")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of labelled images held out when no validation folder is given")
+    n_labelled: int | None = Field(None, ge=0, description="keep labels for only this many training images (few-shot, seeded)")
+    noise_sigma: float = Field(0.0, ge=0, description="add Gaussian noise of this sigma (image intensity units) to training images")
+    patch_size: list[int] = Field(default_factory=lambda: [64, 64], description="training patch size (YX, or ZYX for 3D)")
+    axes: Literal["auto", "YX", "ZYX", "CYX", "CZYX"] = Field("auto", description="axes of the input images; auto: YX for 2D, ZYX for 3D")
+    pixel_limit: int | None = Field(None, gt=0, description="raise an error for images larger than this many pixels")
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_dims(cls, v: list[int]) -> list[int]:
+        if len(v) not in (2, 3) or any(s < 8 for s in v):
+            raise ValueError("patch_size must have 2 (YX) or 3 (ZYX) entries, each >= 8")
+        return v
+
+
+class TrainingConfig(StrictModel):
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * denoising + (1 - alpha) * segmentation")
+    epochs: int = Field(200, ge=1)
+    steps_per_epoch: int = Field(400, ge=1)
+    batch_size: int = Field(128, ge=1)
+    labelled_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="fraction of each batch drawn from labelled patches; None: uniform over all patches as the paper",
+    )
+    learning_rate: float = Field(4e-4, gt=0)
+    lr_patience: int = Field(10, ge=1, description="epochs without validation improvement before the learning rate is halved")
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    augment: bool = Field(True, description="8-fold rotation/flip augmentation")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 otherwise")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    num_workers: int = Field(0, ge=0)
+    validation_batches: int | None = Field(None, ge=1, description="limit validation to this many batches")
+    threshold_tuning: bool = Field(True, description="tune the foreground threshold on validation data after training")
+
+
+class DenoiSegConfig(StrictModel):
+    """Everything a training run needs; saved in the run folder and in every checkpoint."""
+
+    seed: int = 0
+    run_dir: Path = Field(Path("runs/denoiseg"), description="where checkpoints, logs and plots go")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    plugins: dict[str, str] = Field(
+        default_factory=dict, description="distributions providing the components (filled in when a run starts)"
+    )
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"training.epochs=3"`` -> (["training", "epochs"], 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. training.epochs=10")
+    key, value = text.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return keys, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(path: Path | None = None, overrides: list[str] = (), base: dict | None = None) -> DenoiSegConfig:
+    """Read a YAML config (or start from ``base``/defaults) and apply ``--set`` overrides."""
+    raw: dict = dict(base or {})
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError("config file not found", path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("config must be a YAML mapping", path)
+        raw.update(loaded)
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        config = DenoiSegConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    # Relative data paths in a config file are relative to the file, not the shell's cwd.
+    if path is not None:
+        for field in ("train", "validation"):
+            value = getattr(config.data, field)
+            if value is not None and not value.is_absolute():
+                setattr(config.data, field, (path.parent / value).resolve())
+    return config
+
+
+def validate_components(config: DenoiSegConfig, registry=None) -> dict[str, Any]:
+    """Check every named component exists and its params are valid; return the params models.
+
+    Returns ``{"backbone": BackboneParams(...), "masking": ..., "head": ...}``.
+    """
+    from denoiseg_core.plugin_manager import get_registry
+
+    registry = registry or get_registry()
+    out = {}
+    for kind in ("backbone", "masking", "head"):
+        chosen: ComponentConfig = getattr(config.model, kind)
+        spec = registry.get(kind, chosen.name).spec
+        try:
+            out[kind] = spec.params.model_validate(chosen.params)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, f"model.{kind} ({chosen.name}) params")) from None
+    return out
+
+
+def save_config(config: DenoiSegConfig, path: Path) -> None:
+    from denoiseg_core.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

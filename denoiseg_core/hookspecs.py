@@ -1,0 +1,63 @@
+"""The hooks a denoiseg plugin can implement.
+
+A plugin is any importable module or object exposed through the ``denoiseg.plugins``
+entry-point group. It implements one or more of the hooks below with the
+:data:`hookimpl` marker::
+
+    from denoiseg_core.hookspecs import hookimpl
+    from denoiseg_core.components import BackboneSpec
+
+    @hookimpl
+    def denoiseg_register_backbones():
+        return [BackboneSpec(name="my_net", params=MyNetParams, build=build_my_net)]
+
+Every hook name starts with ``denoiseg_``; a plugin function with that prefix that
+matches no hook here is an error (see :func:`denoiseg_core.plugin_manager.get_plugin_manager`).
+The built-in components in ``denoiseg_plugins`` use exactly these hooks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import typer
+
+    from denoiseg_core.components import BackboneSpec, HeadSpec, MaskingSpec
+
+PROJECT_NAME = "denoiseg"
+ENTRY_POINT_GROUP = "denoiseg.plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def denoiseg_register_backbones() -> list[BackboneSpec]:
+    """Return the network backbones this plugin provides.
+
+    A backbone maps ``(N, in_channels, *spatial)`` to ``(N, out_channels, *spatial)`` for
+    2D and/or 3D input; the engine chooses ``out_channels`` (denoised channels plus the
+    head's segmentation channels).
+    """
+
+
+@hookspec
+def denoiseg_register_masking_strategies() -> list[MaskingSpec]:
+    """Return the blind-spot masking strategies (Noise2Void family) this plugin provides."""
+
+
+@hookspec
+def denoiseg_register_heads() -> list[HeadSpec]:
+    """Return the segmentation heads this plugin provides.
+
+    A head owns its training targets (built from instance labels), its loss term, the
+    activation that turns logits into probabilities, and its instance post-processing.
+    """
+
+
+@hookspec
+def denoiseg_register_commands(app: typer.Typer) -> None:
+    """Add commands or command groups to the ``denoiseg`` CLI (``app.add_typer`` / ``app.command``)."""

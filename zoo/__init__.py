@@ -1,0 +1,1 @@
+"""BioImage Model Zoo side of denoiseg: export, test, predict and import model packages."""
