@@ -73,6 +73,12 @@ class TrainingConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
     validation_batches: int | None = Field(None, ge=1, description="limit validation to this many batches")
     threshold_tuning: bool = Field(True, description="tune the foreground threshold on validation data after training")
+    best_metric: Literal["val_loss", "val_ap50"] = Field(
+        "val_loss", description="what selects best.pt: lowest validation loss (as the paper) or highest validation AP@0.5"
+    )
+    validation_images: int | None = Field(
+        None, ge=1, description="compute validation AP on at most this many validation images per epoch (all by default)"
+    )
 
 
 class DenoiSegConfig(StrictModel):
@@ -170,7 +176,8 @@ def validate_components(config: DenoiSegConfig, registry=None) -> dict[str, Any]
     out = {}
     for kind in ("backbone", "masking", "head"):
         chosen: ComponentConfig = getattr(config.model, kind)
-        spec = registry.get(kind, chosen.name).spec
+        # config.plugins lets a missing component's error name the distribution to install.
+        spec = registry.get(kind, chosen.name, plugins=config.plugins).spec
         try:
             out[kind] = spec.params.model_validate(chosen.params)
         except ValidationError as exc:

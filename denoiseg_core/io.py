@@ -79,7 +79,13 @@ def write_tiff(path: Path, array: np.ndarray, overwrite: bool = False, inputs: t
     if path.exists() and not overwrite:
         raise DataError("output exists (use --overwrite to replace it)", path)
     buffer = _io.BytesIO()
-    tifffile.imwrite(buffer, np.ascontiguousarray(array), compression="zlib" if array.dtype != np.float32 else None)
+    # minisblack: a (3, Y, X) stack (e.g. class probabilities) is channels, not an RGB picture
+    tifffile.imwrite(
+        buffer,
+        np.ascontiguousarray(array),
+        photometric="minisblack",
+        compression="zlib" if array.dtype != np.float32 else None,
+    )
     atomic_write_bytes(path, buffer.getvalue())
 
 

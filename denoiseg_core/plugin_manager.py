@@ -8,8 +8,9 @@ is called X".
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib.metadata import Distribution
 
 import pluggy
@@ -117,16 +118,45 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self._by_kind[kind])
 
-    def get(self, kind: str, name: str) -> RegisteredComponent:
-        """The component ``name`` of ``kind``, or a one-line error listing what is installed."""
+    def get(self, kind: str, name: str, plugins: Mapping[str, str] | None = None) -> RegisteredComponent:
+        """The component ``name`` of ``kind``, or a one-line error.
+
+        ``plugins`` is a config's ``{distribution: version}`` record of the distributions
+        its components came from: when ``name`` is missing and some of those are not
+        installed, the error names them (the usual cause: a run config or checkpoint
+        from another environment). Otherwise it lists the installed components.
+        """
         try:
             return self._by_kind[kind][name]
         except KeyError:
+            missing = _missing_distributions(plugins or {})
+            if len(missing) == 1:
+                ((dist, version),) = missing.items()
+                raise ConfigError(
+                    f"{kind} {name!r} is not installed: it comes from distribution {dist!r}"
+                    f" (pip install {dist}{'==' + version if version and version != 'unknown' else ''})"
+                ) from None
+            if missing:
+                raise ConfigError(
+                    f"{kind} {name!r} is not installed: it comes from one of the distributions"
+                    f" {', '.join(map(repr, missing))}, which are not installed (pip install {' '.join(missing)})"
+                ) from None
             installed = ", ".join(self.names(kind)) or "none"
             raise ConfigError(f"unknown {kind} {name!r}; installed {kind} components: {installed}") from None
 
     def spec(self, kind: str, name: str) -> ComponentSpec:
         return self.get(kind, name).spec
+
+
+def _missing_distributions(plugins: Mapping[str, str]) -> dict[str, str]:
+    """The entries of a ``{distribution: version}`` record whose distribution is not installed."""
+    missing = {}
+    for dist, version in plugins.items():
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            missing[dist] = version
+    return missing
 
 
 def _short_plugin_name(registered_name: str, plugin: object) -> str:

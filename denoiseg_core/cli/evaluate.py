@@ -1,7 +1,145 @@
-"""`denoiseg evaluate` (being written)."""
+"""``denoiseg evaluate``: segmentation metrics (AP@0.5, mAP, SEG) and optionally denoising
+PSNR of a checkpoint on images with ground truth."""
 
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
 import typer
+
+from denoiseg_core.cli.predict import (
+    collect_inputs,
+    load_model,
+    model_axes,
+    parse_tile,
+    precheck_input,
+    progress_bar,
+    read_model_input,
+    stderr_console,
+)
+from denoiseg_core.errors import ConfigError, DataError
+
+
+def find_partner(image: Path, folder: Path, what: str) -> Path:
+    """The file in ``folder`` with ``image``'s name (any TIFF suffix), or a one-line error naming the image."""
+    from denoiseg_core.io import TIFF_SUFFIXES
+
+    exact = folder / image.name
+    if exact.is_file():
+        return exact
+    stem = image.name[: -len(image.suffix)]
+    for suffix in TIFF_SUFFIXES + tuple(s.upper() for s in TIFF_SUFFIXES):
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"no {what} with the same name in {folder}", image)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become null so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _check_folder(folder: Path, option: str) -> None:
+    if not folder.exists():
+        raise DataError(f"{option} folder not found", folder)
+    if not folder.is_dir():
+        raise DataError(f"{option} must be a folder", folder)
+
+
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint .pt file or run folder (uses best.pt, else last.pt)")],
+    images: Annotated[Path, typer.Option("--images", help="folder of (noisy) input images")],
+    masks: Annotated[Path, typer.Option("--masks", help="folder of ground-truth instance masks, same file names")],
+    clean: Annotated[
+        Path | None, typer.Option("--clean", help="folder of noise-free images, same file names: also report PSNR")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write all metrics to this JSON file")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="foreground threshold (default: the one tuned during training, else 0.5)")
+    ] = None,
+    tile: Annotated[
+        str | None, typer.Option(help="tile size, e.g. 256,256 or 'auto' (default: whole image when small)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="tiles per forward pass")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Predict every image in --images and score it against the mask of the same name."""
+    from denoiseg_core.data import to_channel_first, validate_mask
+    from denoiseg_core.io import atomic_write_text, read_image
+    from denoiseg_core.metrics import evaluate_segmentation, format_table, psnr
+    from denoiseg_core.prediction import predict_image, resolve_device, segment
+
+    if threshold is not None and not 0 < threshold < 1:
+        raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")
+    model = load_model(checkpoint)
+    tile_size = parse_tile(tile, model.ndim)
+    target = resolve_device(device)
+    _check_folder(images, "--images")
+    _check_folder(masks, "--masks")
+    if clean is not None:
+        _check_folder(clean, "--clean")
+    files = collect_inputs([images])
+    # pair everything up front: a missing mask fails before minutes of prediction
+    mask_files = [find_partner(f, masks, "mask") for f in files]
+    clean_files = [find_partner(f, clean, "clean image") for f in files] if clean is not None else None
+    if json_path is not None:
+        protected = {p.resolve() for p in [*files, *mask_files, *(clean_files or [])]}
+        if json_path.resolve() in protected:
+            raise DataError("refusing to overwrite an input file with the JSON report", json_path)
+    for file in files:
+        precheck_input(file, model)
+    used_threshold = threshold if threshold is not None else (model.threshold if model.threshold is not None else 0.5)
+
+    gts, preds, psnr_denoised, psnr_input = [], [], [], []
+    with progress_bar(stderr_console()) as progress:
+        task = progress.add_task("evaluating", total=len(files), current="")
+        for index, file in enumerate(files):
+            progress.update(task, current=file.name)
+            image = read_model_input(file, model)
+            gts.append(validate_mask(read_image(mask_files[index]), image.shape[1:], mask_files[index]))
+            prediction = predict_image(model, image, tile=tile_size, batch_size=batch_size, device=target)
+            preds.append(segment(model, prediction, used_threshold))
+            if clean_files is not None:
+                clean_path = clean_files[index]
+                reference = to_channel_first(read_image(clean_path), model_axes(model), clean_path)
+                if reference.shape != image.shape:
+                    raise DataError(
+                        f"clean image shape {reference.shape[1:]} differs from the input's {image.shape[1:]}", clean_path
+                    )
+                if float(reference.max() - reference.min()) <= 0:
+                    raise DataError("clean image is constant; PSNR is undefined", clean_path)
+                psnr_denoised.append(psnr(reference, prediction.denoised))
+                psnr_input.append(psnr(reference, image))
+            progress.advance(task)
+
+    results = evaluate_segmentation(gts, preds, names=[f.name for f in files])
+    results["threshold"] = float(used_threshold)
+    results["checkpoint"] = str(model.path)
+    if clean_files is not None:
+        for row, denoised_db, input_db in zip(results["per_image"], psnr_denoised, psnr_input):
+            row["psnr"], row["psnr_input"] = denoised_db, input_db
+        results["psnr"] = float(np.mean(psnr_denoised))
+        results["psnr_input"] = float(np.mean(psnr_input))
+
+    typer.echo(format_table(results))
+    typer.echo(f"threshold: {used_threshold:.3f}")
+    if clean_files is not None:
+        typer.echo(f"PSNR: denoised {results['psnr']:.2f} dB (noisy input {results['psnr_input']:.2f} dB)")
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(_json_safe(results), indent=2) + "\n")
+        typer.echo(f"metrics written to {json_path}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("evaluate")(evaluate_command)
