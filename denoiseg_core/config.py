@@ -133,9 +133,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _deep_merge(into: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and key != "params":
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
 def load_config(path: Path | None = None, overrides: list[str] = (), base: dict | None = None) -> DenoiSegConfig:
-    """Read a YAML config (or start from ``base``/defaults) and apply ``--set`` overrides."""
-    raw: dict = dict(base or {})
+    """Read a YAML config (or start from ``base``/defaults) and apply ``--set`` overrides.
+
+    The file and the overrides are merged into the defaults section by section, so
+    ``--set model.backbone.params.depth=3`` keeps the default backbone name. A component's
+    ``params`` are replaced as a whole when its section names them.
+    """
+    raw: dict = _deep_merge(DenoiSegConfig().model_dump(mode="json"), dict(base or {}))
     source = "config"
     if path is not None:
         path = Path(path)

@@ -1,0 +1,146 @@
+"""Training: 2D and 3D smoke runs, repeatability, resume after an interruption, threshold tuning."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from denoiseg_core.checkpoint import load_checkpoint, read_checkpoint_state
+from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.errors import ConfigError, DenoiSegError
+from denoiseg_core.synthetic import write_synthetic_dataset
+from denoiseg_core.training import Trainer, train
+
+
+@pytest.fixture(scope="module")
+def dataset_2d(tmp_path_factory) -> dict[str, Path]:
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("data2d"), n_train=6, n_labelled=3, n_val=2, n_test=1, shape=(64, 64), seed=1
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset_3d(tmp_path_factory) -> dict[str, Path]:
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("data3d"), n_train=3, n_labelled=2, n_val=1, n_test=1, shape=(16, 32, 32), seed=2
+    )
+
+
+def _config(tiny_config: DenoiSegConfig, data: dict[str, Path], run_dir: Path, **training) -> DenoiSegConfig:
+    raw = tiny_config.model_dump(mode="json")
+    raw["run_dir"] = str(run_dir)
+    raw["data"].update({"train": str(data["train"]), "validation": str(data["val"])})
+    raw["training"].update({"epochs": 2, "steps_per_epoch": 3, **training})
+    return DenoiSegConfig.model_validate(raw)
+
+
+def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, tmp_path):
+    config = _config(tiny_config, dataset_2d, tmp_path / "run")
+    run = train(config, progress=False, log=lambda _: None)
+
+    for name in ("best.pt", "last.pt", "config.yaml", "log.csv", "training_curves.png"):
+        assert (run.run_dir / name).is_file(), name
+    with open(run.run_dir / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(np.isfinite(float(r["train_loss"])) and float(r["train_loss"]) > 0 for r in rows)
+    assert (run.run_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The tuned threshold is one of the head's candidates and travels in both checkpoints,
+    # together with the config and the versions of the plugins used.
+    model = load_checkpoint(run.best_checkpoint)
+    assert run.threshold in model.head.threshold_candidates
+    assert model.threshold == run.threshold
+    assert read_checkpoint_state(run.last_checkpoint)["threshold"] == run.threshold
+    assert model.config.model.backbone.params == {"depth": 2, "first_filters": 8}
+    assert model.versions["plugins"].get("denoiseg")
+    assert model.ndim == 2 and model.in_channels == 1
+
+
+def test_3d_training_smoke(tiny_config, dataset_3d, tmp_path):
+    config = _config(tiny_config, dataset_3d, tmp_path / "run3d", epochs=1, batch_size=2)
+    config.data.patch_size = [8, 16, 16]
+    run = train(config, progress=False, log=lambda _: None)
+    model = load_checkpoint(run.best_checkpoint)
+    assert model.ndim == 3
+    out = model.inference_net()(torch.zeros(1, 1, 8, 16, 16))
+    assert out.shape == (1, 4, 8, 16, 16)
+
+
+def test_seeded_cpu_run_is_repeatable(tiny_config, dataset_2d, tmp_path):
+    states = []
+    for name in ("a", "b"):
+        config = _config(tiny_config, dataset_2d, tmp_path / name, epochs=1)
+        run = train(config, progress=False, log=lambda _: None)
+        states.append(read_checkpoint_state(run.last_checkpoint)["model_state"])
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, dataset_2d, tmp_path, monkeypatch):
+    reference = train(_config(tiny_config, dataset_2d, tmp_path / "ref", epochs=3), progress=False, log=lambda _: None)
+
+    # Interrupt the second run during its second epoch's validation (Ctrl-C at a realistic point).
+    config = _config(tiny_config, dataset_2d, tmp_path / "interrupted", epochs=3)
+    calls = {"n": 0}
+    original = Trainer.validate
+
+    def interrupting_validate(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "validate", interrupting_validate)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False, log=lambda _: None)
+    monkeypatch.setattr(Trainer, "validate", original)
+    assert read_checkpoint_state(tmp_path / "interrupted" / "last.pt")["epoch"] == 1
+    assert not list((tmp_path / "interrupted").glob("*.part")), "a partial checkpoint was left behind"
+
+    # A fresh start in the same folder is refused; --resume continues from epoch 1.
+    with pytest.raises(DenoiSegError, match="--resume"):
+        Trainer(config, progress=False, log=lambda _: None)
+    resumed = train(config, resume=True, progress=False, log=lambda _: None)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+    ref_state = read_checkpoint_state(reference.last_checkpoint)["model_state"]
+    res_state = read_checkpoint_state(resumed.last_checkpoint)["model_state"]
+    for key in ref_state:
+        assert torch.allclose(ref_state[key].float(), res_state[key].float(), atol=1e-6), key
+
+
+def test_resume_without_a_run_is_a_clear_error(tiny_config, dataset_2d, tmp_path):
+    with pytest.raises(DenoiSegError, match="nothing to resume"):
+        Trainer(_config(tiny_config, dataset_2d, tmp_path / "none"), resume=True, progress=False)
+
+
+def test_unknown_component_fails_before_any_data_is_read(tiny_config, tmp_path):
+    raw = tiny_config.model_dump(mode="json")
+    raw["data"]["train"] = str(tmp_path / "does-not-exist")
+    raw["model"]["backbone"]["name"] = "unet_typo"
+    with pytest.raises(ConfigError, match="unknown backbone 'unet_typo'.*unet"):
+        Trainer(DenoiSegConfig.model_validate(raw), progress=False)
+
+
+def test_patch_size_of_wrong_dimensionality_is_a_clear_error(tiny_config, dataset_3d, tmp_path):
+    config = _config(tiny_config, dataset_3d, tmp_path / "run")  # 2-entry patch size on 3-D data
+    with pytest.raises(DenoiSegError, match="patch_size"):
+        Trainer(config, progress=False)
+
+
+def test_init_from_checkpoint_starts_from_its_weights(tiny_config, dataset_2d, tmp_path):
+    first = train(_config(tiny_config, dataset_2d, tmp_path / "first", epochs=1), progress=False, log=lambda _: None)
+    trainer = Trainer(
+        _config(tiny_config, dataset_2d, tmp_path / "second", epochs=1),
+        init_from=first.best_checkpoint,
+        progress=False,
+        log=lambda _: None,
+    )
+    source = read_checkpoint_state(first.best_checkpoint)["model_state"]
+    for key, value in trainer.net.state_dict().items():
+        assert torch.equal(value.cpu(), source[key]), key
