@@ -90,3 +90,18 @@ def test_saved_config_round_trips(tmp_path):
     config = load_config(None, ["training.epochs=5", "seed=3"])
     save_config(config, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == DenoiSegConfig.model_validate(config.model_dump(mode="json"))
+
+
+def test_config_init_writes_a_commented_config_that_loads_as_the_defaults(tmp_path, capsys):
+    from denoiseg_core.cli import main
+
+    path = tmp_path / "c.yaml"
+    with pytest.raises(SystemExit) as info:
+        main(["config", "init", str(path)])
+    assert info.value.code in (0, None)
+    text = path.read_text()
+    assert "# loss = alpha * denoising" in text
+    assert load_config(path) == load_config(None)
+    with pytest.raises(SystemExit) as info:  # never clobbers an existing file
+        main(["config", "init", str(path)])
+    assert info.value.code == 2 and "exists" in capsys.readouterr().err

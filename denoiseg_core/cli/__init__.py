@@ -15,7 +15,7 @@ from denoiseg_core.errors import DenoiSegError
 
 
 def build_app() -> typer.Typer:
-    from denoiseg_core.cli import demo, evaluate, plugins, predict, train
+    from denoiseg_core.cli import config, demo, evaluate, plugins, predict, train
     from denoiseg_core.plugin_manager import get_plugin_manager
 
     app = typer.Typer(
@@ -28,6 +28,7 @@ def build_app() -> typer.Typer:
     for module in (train, predict, evaluate, demo):
         module.register(app)
     app.add_typer(plugins.app, name="plugins", help="Installed plugins and their components.")
+    app.add_typer(config.app, name="config", help="Write a starting config or show how one resolves.")
     get_plugin_manager().hook.denoiseg_register_commands(app=app)
     return app
 
