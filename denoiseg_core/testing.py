@@ -208,7 +208,9 @@ def check_backbone(
                 torchscript=torchscript, onnx=onnx, net=net,
             )  # fmt: skip
         if architecture and spec.architecture is not None:
-            check_architecture_source(spec, params=params, ndim=ndim, in_channels=in_channels, out_channels=out_channels)
+            check_architecture_source(
+                spec, params=params, ndim=ndim, in_channels=in_channels, out_channels=out_channels
+            )
     if halo and 2 in spec.supported_ndims and (not ndims or 2 in ndims):
         check_backbone_halo(spec, params=params)
 
@@ -230,7 +232,9 @@ def _check_shapes_and_gradients(
         _require(bool(torch.isfinite(out).all()), spec, f"{ndim}D output has NaN or inf")
     net.zero_grad()
     out.square().mean().backward()
-    missing = [name for name, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    missing = [
+        name for name, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ]
     _require(not missing, spec, f"{ndim}D: no gradient reaches parameters {missing[:5]} (unused layers?)")
 
     # In eval mode each sample must be processed on its own (no batch statistics).
@@ -402,11 +406,17 @@ def check_architecture_source(
         rebuilt.load_state_dict(net.state_dict(), strict=True)
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[0]
-        raise ConformanceError(f"backbone {spec.name!r}: state dict does not fit {arch.callable_name}: {first_line}") from None
+        raise ConformanceError(
+            f"backbone {spec.name!r}: state dict does not fit {arch.callable_name}: {first_line}"
+        ) from None
     rebuilt.eval()
     x = torch.randn(1, in_channels, *_test_sizes(spec.size_divisor(params), ndim)[0])
     with torch.no_grad():
-        _require(_close(rebuilt(x), net(x)), spec, f"{arch.callable_name} from {arch.file.name} gives a different {ndim}D output")
+        _require(
+            _close(rebuilt(x), net(x)),
+            spec,
+            f"{arch.callable_name} from {arch.file.name} gives a different {ndim}D output",
+        )
 
 
 # --------------------------------------------------------------------------- masking
@@ -442,7 +452,9 @@ def check_masking(
     _require(callable(strategy), spec, f"build() returned a non-callable {type(strategy).__name__}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for shape in shapes:
-        _check_masking_shape(spec, strategy, tuple(shape), device, expected_fraction, fraction_tolerance, untouched_distance)
+        _check_masking_shape(
+            spec, strategy, tuple(shape), device, expected_fraction, fraction_tolerance, untouched_distance
+        )
 
 
 def _call_masking(spec: MaskingSpec, strategy: Any, patches: torch.Tensor, seed: int | None):
@@ -610,7 +622,9 @@ def _check_targets(spec: HeadSpec, head: Any, labels: np.ndarray) -> np.ndarray:
     far_background = ~ndimage.binary_dilation(labels > 0, iterations=3)
     interior = ndimage.binary_erosion(labels > 0, iterations=3)
     background_classes = np.unique(targets[far_background])
-    _require(len(background_classes) == 1, spec, f"{where}: background far from objects has classes {background_classes}")
+    _require(
+        len(background_classes) == 1, spec, f"{where}: background far from objects has classes {background_classes}"
+    )
     _require(
         not np.isin(targets[interior], background_classes).any(),
         spec,
@@ -630,7 +644,9 @@ def _check_loss(spec: HeadSpec, head: Any, targets: np.ndarray) -> None:
 
     loss = head.loss(logits, batch_targets, torch.tensor([False, False]))
     _require(isinstance(loss, torch.Tensor) and loss.ndim == 0, spec, f"{where}: loss must be a scalar tensor")
-    _require(float(loss.detach()) == 0.0, spec, f"{where}: loss of an unlabelled batch is {float(loss.detach())}, expected 0")
+    _require(
+        float(loss.detach()) == 0.0, spec, f"{where}: loss of an unlabelled batch is {float(loss.detach())}, expected 0"
+    )
     _require(loss.requires_grad, spec, f"{where}: loss of an unlabelled batch is not part of the graph")
     loss.backward()
     _require(
@@ -641,7 +657,11 @@ def _check_loss(spec: HeadSpec, head: Any, targets: np.ndarray) -> None:
 
     logits.grad = None
     loss = head.loss(logits, batch_targets, torch.tensor([True, False]))
-    _require(bool(torch.isfinite(loss)) and float(loss.detach()) > 0, spec, f"{where}: loss of a labelled patch is {float(loss.detach())}")
+    _require(
+        bool(torch.isfinite(loss)) and float(loss.detach()) > 0,
+        spec,
+        f"{where}: loss of a labelled patch is {float(loss.detach())}",
+    )
     loss.backward()
     _require(bool(logits.grad[0].abs().sum() > 0), spec, f"{where}: no gradient reaches the labelled patch")
     _require(not logits.grad[1].abs().sum(), spec, f"{where}: the unlabelled patch contributes to the gradient")
@@ -657,14 +677,18 @@ def _check_activation(spec: HeadSpec, head: Any) -> None:
     try:
         scripted = torch.jit.script(activation)
     except Exception as exc:
-        raise ConformanceError(f"head {spec.name!r}: activation is not scriptable: {type(exc).__name__}: {exc}") from None
+        raise ConformanceError(
+            f"head {spec.name!r}: activation is not scriptable: {type(exc).__name__}: {exc}"
+        ) from None
     for spatial in ((6, 7), (3, 4, 5)):
         logits = torch.randn(2, head.num_classes, *spatial) * 5
         with torch.no_grad():
             probs = activation(logits)
             _require(tuple(probs.shape) == tuple(logits.shape), spec, "activation changes the shape")
             _require(
-                bool((probs >= 0).all() and (probs <= 1).all()), spec, "activation output is not in [0, 1] (probabilities)"
+                bool((probs >= 0).all() and (probs <= 1).all()),
+                spec,
+                "activation output is not in [0, 1] (probabilities)",
             )
             _require(_close(scripted(logits), probs), spec, "scripted activation differs from eager")
 
@@ -678,7 +702,9 @@ def _check_instances(
     instances = head.instances(probabilities, threshold)
     _require(isinstance(instances, np.ndarray), spec, f"{where}: instances() returned {type(instances).__name__}")
     _require(instances.shape == labels.shape, spec, f"{where}: shape {instances.shape}, expected {labels.shape}")
-    _require(np.issubdtype(instances.dtype, np.integer), spec, f"{where}: dtype {instances.dtype} is not an integer type")
+    _require(
+        np.issubdtype(instances.dtype, np.integer), spec, f"{where}: dtype {instances.dtype} is not an integer type"
+    )
     _require(instances.min() >= 0, spec, f"{where}: negative instance labels")
     found = sorted(set(np.unique(instances).tolist()) - {0})
     truth = sorted(set(np.unique(labels).tolist()) - {0})

@@ -1,0 +1,299 @@
+"""The conformance kit over every registered component (timm-style), and proof that it bites.
+
+The first tests are parametrised over whatever the ``denoiseg.plugins`` entry points
+register, so a new plugin gets the same checks without a line of test code (ids are the
+component names: ``pytest -k res_unet``). The rest feed the kit deliberately broken
+components and assert that it rejects each with a message naming the rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from denoiseg_core.components import (
+    ArchitectureSource,
+    BackboneSpec,
+    ComponentParams,
+    HeadSpec,
+    MaskingSpec,
+    NoParams,
+)
+from denoiseg_core.testing import (
+    ConformanceError,
+    check_architecture_source,
+    check_backbone,
+    check_backbone_halo,
+    check_head,
+    check_masking,
+    check_params,
+    parametrize_components,
+)
+from denoiseg_plugins.n2v_masking import N2VMasking
+from denoiseg_plugins.three_class_head import ThreeClassHead
+
+
+@parametrize_components("backbone")
+def test_backbone_conformance(component):
+    check_backbone(component)
+
+
+@parametrize_components("masking")
+def test_masking_conformance(component):
+    check_masking(component)
+
+
+@parametrize_components("head")
+def test_head_conformance(component):
+    check_head(component)
+
+
+def test_parametrize_covers_every_kind_with_name_ids(registry):
+    mark = parametrize_components()
+    argname, components = mark.args[:2]
+    assert argname == "component"
+    assert {(c.kind, c.name) for c in components} == {(c.kind, c.name) for c in registry.components()}
+    assert "backbone-unet" in mark.kwargs["ids"] and "head-three_class" in mark.kwargs["ids"]
+
+
+def test_every_hook_is_documented_implemented_and_exercised(registry):
+    """Meta-test: a new hook must come with docs, an implementation and conformance coverage."""
+    import inspect
+    from pathlib import Path
+
+    from denoiseg_core import hookspecs
+    from denoiseg_core.cli import build_app
+    from denoiseg_core.plugin_manager import KINDS, get_plugin_manager
+
+    hooks = {name: f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("denoiseg_")}
+    guide = (Path(__file__).resolve().parents[1] / "plugins" / "example_plugin" / "README.md").read_text()
+    pm = get_plugin_manager()
+    register_hooks = {hook_name: kind for kind, (hook_name, _) in KINDS.items()}
+    for name, function in hooks.items():
+        assert inspect.getdoc(function), f"hook {name} has no docstring"
+        assert name in guide, f"hook {name} is not explained in the 'Writing a plugin' guide"
+        assert getattr(pm.hook, name).get_hookimpls(), f"no installed plugin implements {name}"
+        if name in register_hooks:  # component hooks: the parametrised conformance tests above cover them
+            assert registry.components(register_hooks[name]), f"{name} registers nothing"
+        else:
+            assert name == "denoiseg_register_commands", f"hook {name} has no test; add one"
+    assert set(register_hooks) | {"denoiseg_register_commands"} == set(hooks)
+    # The commands hook: the zoo command group arrives through it.
+    assert "zoo" in {group.name for group in build_app().registered_groups}
+
+
+@pytest.mark.parametrize(("name", "percentage"), [("n2v", 1.5), ("n2v2", 1.5), ("struct_n2v", 1.5), ("n2v2", 5.0)])
+def test_built_in_masking_fraction_matches_percentage(name, percentage):
+    shapes = [(8, 1, 64, 64), (2, 1, 16, 32, 32)]
+    check_masking(name, params={"percentage": percentage}, shapes=shapes, expected_fraction=percentage / 100)
+
+
+# --------------------------------------------------------------------------- the kit bites
+
+
+class _WidthParams(ComponentParams):
+    width: int = Field(4, ge=1, description="feature channels")
+
+
+class _Stack(nn.Module):
+    """``blocks`` 3x3 convolutions at full resolution: the receptive-field radius is ``blocks``."""
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, width: int = 4, blocks: int = 3):
+        super().__init__()
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        layers = [conv(in_channels, width, 3, padding=1)]
+        layers += [conv(width, width, 3, padding=1) for _ in range(blocks - 2)]
+        layers += [conv(width, out_channels, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _backbone(**overrides) -> BackboneSpec:
+    fields = {
+        "name": "stack",
+        "params": _WidthParams,
+        "build": lambda p, *, ndim, in_channels, out_channels: _Stack(ndim, in_channels, out_channels, p.width),
+        "size_divisor": lambda p: 1,
+        "halo": lambda p: 3,
+    }
+    fields.update(overrides)
+    return BackboneSpec(**fields)
+
+
+def test_a_well_behaved_backbone_passes():
+    check_backbone(_backbone(), torchscript=False, onnx=False)
+
+
+def test_wrong_output_channels_are_caught():
+    spec = _backbone(build=lambda p, *, ndim, in_channels, out_channels: _Stack(ndim, in_channels, 1, p.width))
+    with pytest.raises(ConformanceError, match="backbone 'stack'.*expected"):
+        check_backbone(spec, torchscript=False, onnx=False, halo=False)
+
+
+def test_too_small_halo_is_caught():
+    with pytest.raises(ConformanceError, match="halo 1 is too small"):
+        check_backbone_halo(_backbone(halo=lambda p: 1))
+
+
+def test_unused_parameters_are_caught():
+    class WithSpare(_Stack):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.spare = nn.Conv2d(1, 1, 1)
+
+    spec = _backbone(build=lambda p, *, ndim, in_channels, out_channels: WithSpare(ndim, in_channels, out_channels))
+    with pytest.raises(ConformanceError, match="no gradient reaches.*spare"):
+        check_backbone(spec, ndims=[2], torchscript=False, onnx=False, halo=False)
+
+
+def test_unscriptable_backbone_is_caught():
+    class Unscriptable(_Stack):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.scale = lambda t: t * 2  # TorchScript cannot compile a lambda attribute
+
+        def forward(self, x):
+            return self.scale(self.layers(x))
+
+    spec = _backbone(build=lambda p, *, ndim, in_channels, out_channels: Unscriptable(ndim, in_channels, out_channels))
+    with pytest.raises(ConformanceError, match=r"torch.jit.script failed in 2D"):
+        check_backbone(spec, ndims=[2], onnx=False, halo=False)
+
+
+def test_params_must_forbid_unknown_keys_and_survive_dumping():
+    class Loose(BaseModel):
+        width: int = Field(4, description="width")
+
+    with pytest.raises(ConformanceError, match="ComponentParams"):
+        check_params(_backbone(params=Loose))
+
+    class Undocumented(ComponentParams):
+        width: int = 4
+
+    with pytest.raises(ConformanceError, match="'width' has no description"):
+        check_params(_backbone(params=Undocumented))
+
+    class Required(ComponentParams):
+        width: int = Field(description="no default")
+
+    with pytest.raises(ConformanceError, match="default parameters do not validate"):
+        check_params(_backbone(params=Required))
+
+
+def test_architecture_file_must_be_self_contained(tmp_path):
+    source = tmp_path / "arch.py"
+    source.write_text("import numpy\nimport torch\nfrom denoiseg_core import components\n")
+    spec = _backbone(architecture=ArchitectureSource(file=source, callable_name="Net", kwargs=lambda *a: {}))
+    with pytest.raises(ConformanceError, match=r"not self-contained: it imports \['denoiseg_core', 'numpy'\]"):
+        check_architecture_source(spec)
+
+
+def test_architecture_file_must_rebuild_the_same_network(tmp_path):
+    source = tmp_path / "arch.py"
+    source.write_text(
+        "import torch\n\nclass Net(torch.nn.Module):\n"
+        "    def __init__(self, channels):\n        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(channels, channels, 1)\n"
+        "    def forward(self, x):\n        return self.conv(x)\n"
+    )
+    spec = _backbone(
+        architecture=ArchitectureSource(file=source, callable_name="Net", kwargs=lambda p, nd, i, o: {"channels": i})
+    )
+    with pytest.raises(ConformanceError, match="state dict does not fit Net"):
+        check_architecture_source(spec)
+
+
+def _masking(call) -> MaskingSpec:
+    return MaskingSpec(name="broken", params=NoParams, build=lambda p: call)
+
+
+def test_masking_that_edits_its_input_is_caught():
+    n2v = N2VMasking()
+
+    def in_place(patches, generator=None):
+        masked, mask = n2v(patches, generator)
+        patches.copy_(masked)
+        return masked, mask
+
+    with pytest.raises(ConformanceError, match="modified its input in place"):
+        check_masking(_masking(in_place))
+
+
+def test_masking_that_touches_far_pixels_is_caught():
+    n2v = N2VMasking()
+
+    def noisy(patches, generator=None):
+        masked, mask = n2v(patches, generator)
+        return masked + 0.01, mask
+
+    with pytest.raises(ConformanceError, match="farther than 4 from every blind spot were changed"):
+        check_masking(_masking(noisy))
+
+
+def test_masking_that_ignores_the_generator_is_caught():
+    n2v = N2VMasking()
+    with pytest.raises(ConformanceError, match="same generator seed gives a different result"):
+        check_masking(_masking(lambda patches, generator=None: n2v(patches, None)))
+
+
+def test_masking_that_does_not_hide_the_blind_spots_is_caught():
+    n2v = N2VMasking()
+
+    def unhidden(patches, generator=None):
+        _, mask = n2v(patches, generator)
+        return patches.clone(), mask
+
+    with pytest.raises(ConformanceError, match="of blind spots have a changed input value"):
+        check_masking(_masking(unhidden))
+
+
+def test_masking_fraction_is_checked_against_expectation():
+    with pytest.raises(ConformanceError, match="blind-spot fraction"):
+        check_masking("n2v", expected_fraction=0.05)
+
+
+class _LeakyHead(ThreeClassHead):
+    """Counts unlabelled patches in the loss: the contract says they must not count."""
+
+    def loss(self, logits, targets, labelled):
+        return nn.functional.cross_entropy(logits, targets)
+
+
+class _FloatInstancesHead(ThreeClassHead):
+    def instances(self, probabilities, threshold):
+        return super().instances(probabilities, threshold).astype(np.float32)
+
+
+class _MergingHead(ThreeClassHead):
+    """Returns one instance for all foreground."""
+
+    def instances(self, probabilities, threshold):
+        return (probabilities[1] > threshold).astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    ("head_cls", "message"),
+    [
+        (_LeakyHead, "loss of an unlabelled batch is"),
+        (_FloatInstancesHead, "is not an integer type"),
+        (_MergingHead, "gave 1 instances, expected 3"),
+    ],
+)
+def test_broken_heads_are_caught(head_cls, message):
+    spec = HeadSpec(name="broken", params=NoParams, build=lambda p: head_cls())
+    with pytest.raises(ConformanceError, match=message):
+        check_head(spec)
+
+
+def test_component_given_by_name_or_spec(registry):
+    spec = registry.spec("head", "two_class")
+    check_head("two_class", ndims=[2])
+    check_head(spec, ndims=[2])
+    check_head(registry.get("head", "two_class"), params={"split_depth": 3.0}, ndims=[2])
+    with pytest.raises(ConformanceError, match="expected a HeadSpec"):
+        check_head(registry.spec("masking", "n2v"))
