@@ -1,13 +1,127 @@
-"""Registers the ``denoiseg zoo`` command group through the plugin hook (being written)."""
+"""The ``denoiseg zoo`` command group, registered through the plugin hook.
+
+``export`` writes a tested bioimage.io package, ``test`` runs bioimageio.core's test on
+any package, ``predict`` runs a package with tiling (and writes instance labels for
+denoiseg packages), ``import`` turns a denoiseg package back into a checkpoint.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 from denoiseg_core.hookspecs import hookimpl
 
 
+def _echo(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint file or run folder (best.pt is used)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="package to write (MODEL.zip)")],
+    name: Annotated[Optional[str], typer.Option(help="model name (5-128 letters, digits, spaces, _+-())")] = None,
+    author: Annotated[Optional[list[str]], typer.Option("--author", help="author name (repeat for several)")] = None,
+    description: Annotated[Optional[str], typer.Option(help="one-paragraph description")] = None,
+    license: Annotated[str, typer.Option(help="SPDX license id of the weights")] = "CC-BY-4.0",
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="extra tag (repeat for several)")] = None,
+    sample: Annotated[Optional[list[Path]], typer.Option("--sample", help="sample image (TIFF) for test tensors and covers; repeatable")] = None,
+    mask: Annotated[Optional[list[Path]], typer.Option("--mask", help="instance mask of each --sample, to report its scores")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing package")] = False,
+) -> None:
+    """Export a checkpoint as a tested bioimage.io model package (TorchScript, ONNX, state dict)."""
+    from denoiseg_zoo.export import ExportOptions, export_package
+
+    result = export_package(
+        checkpoint,
+        out,
+        ExportOptions(
+            name=name,
+            authors=author or (),
+            description=description,
+            license=license,
+            tags=tag or (),
+            samples=sample or (),
+            masks=mask or (),
+            overwrite=overwrite,
+        ),
+        log=_echo,
+    )
+    typer.echo(f"package written and tested (torchscript {result.torchscript_how}, onnx, pytorch_state_dict): {result.path}")
+
+
+def test_command(
+    package: Annotated[Path, typer.Argument(help="bioimage.io model package (.zip)")],
+) -> None:
+    """Run bioimageio.core's model test (every weight format) and print the summary."""
+    from denoiseg_zoo.runtime import format_summary, test_package
+
+    summary = test_package(package)
+    typer.echo(format_summary(summary))
+    if summary.status != "passed":
+        raise typer.Exit(1)
+
+
+def predict_command(
+    package: Annotated[Path, typer.Argument(help="bioimage.io model package (.zip)")],
+    inputs: Annotated[list[Path], typer.Argument(help="input images (TIFF)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    tile: Annotated[int, typer.Option(help="largest tile edge in pixels (rounded to the sizes the package accepts)")] = 512,
+    overwrite: Annotated[bool, typer.Option(help="replace existing outputs")] = False,
+) -> None:
+    """Run a package on images with tiling (bioimageio.core); denoiseg packages also give instance labels."""
+    from denoiseg_core.io import read_image
+    from denoiseg_zoo.runtime import (
+        check_targets,
+        create_pipeline,
+        load_runnable,
+        output_paths,
+        predict_package,
+        write_prediction,
+    )
+
+    if tile < 1:
+        raise typer.BadParameter("--tile must be positive")
+    descr = load_runnable(package)
+    targets = output_paths(descr, inputs, out)
+    for path in inputs:
+        if not Path(path).is_file():
+            read_image(Path(path))  # one-line error for a missing input before any work
+    check_targets(targets, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = create_pipeline(descr)
+    try:
+        for path in inputs:
+            outputs = predict_package(descr, read_image(Path(path)), Path(path), tile=tile, pipeline=pipeline)
+            write_prediction(descr, outputs, targets[Path(path)], inputs, overwrite)
+            typer.echo(f"{path}: " + ", ".join(str(p) for _, p in targets[Path(path)]))
+    finally:
+        pipeline.unload()
+
+
+def import_command(
+    package: Annotated[Path, typer.Argument(help="denoiseg bioimage.io package (.zip)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint to write (.pt)")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint")] = False,
+) -> None:
+    """Turn a denoiseg package back into a checkpoint (to predict with or fine-tune)."""
+    from denoiseg_zoo.importing import import_package
+
+    path = import_package(package, out, overwrite=overwrite)
+    typer.echo(f"checkpoint written: {path}")
+
+
+def build_zoo_app() -> typer.Typer:
+    zoo_app = typer.Typer(no_args_is_help=True, help="BioImage Model Zoo packages: export, test, predict, import.")
+    zoo_app.command("export")(export_command)
+    zoo_app.command("test")(test_command)
+    zoo_app.command("predict")(predict_command)
+    zoo_app.command("import")(import_command)
+    return zoo_app
+
+
 @hookimpl
 def denoiseg_register_commands(app: typer.Typer) -> None:
-    zoo_app = typer.Typer(no_args_is_help=True, help="BioImage Model Zoo packages: export, test, predict, import.")
-    app.add_typer(zoo_app, name="zoo")
+    app.add_typer(build_zoo_app(), name="zoo")

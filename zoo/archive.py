@@ -1,0 +1,119 @@
+"""Opening bioimage.io model packages safely.
+
+Every package is checked here before bioimageio.spec or bioimageio.core see it: it must
+be a zip file, every member path must stay inside the folder it would be extracted to
+(no absolute paths, drive letters or ``..``), and it must carry a model description. The
+description is then validated with file checks (every referenced file present, every
+sha256 right); any problem is one line of :class:`~denoiseg_core.errors.DenoiSegError`.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from denoiseg_core.errors import DenoiSegError
+
+#: file names a bioimage.io description has inside a package (at its root)
+DESCRIPTION_FILE_NAMES = ("rdf.yaml", "bioimageio.yaml")
+
+
+class PackageError(DenoiSegError):
+    """A model package is not a usable bioimage.io package."""
+
+
+def _is_description_name(name: str) -> bool:
+    return "/" not in name and (name in DESCRIPTION_FILE_NAMES or name.endswith(".bioimageio.yaml"))
+
+
+def unsafe_member(name: str) -> bool:
+    """True if extracting the zip member ``name`` could write outside the target folder."""
+    if not name or "\\" in name or "\x00" in name:
+        return True
+    path = PurePosixPath(name)
+    if path.is_absolute() or (len(name) > 1 and name[1] == ":"):  # /etc/x, C:/x
+        return True
+    return any(part == ".." for part in path.parts)
+
+
+def check_package_zip(path: Path) -> list[str]:
+    """Check that ``path`` is a zip with safe member paths and a model description.
+
+    Returns the member names. Raises :class:`PackageError` otherwise.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PackageError("package not found", path)
+    if not path.is_file():
+        raise PackageError("not a file (expected a bioimage.io model .zip)", path)
+    if not zipfile.is_zipfile(path):
+        raise PackageError("not a zip file (expected a bioimage.io model .zip)", path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PackageError(f"cannot read zip ({exc})", path) from None
+    for name in names:
+        if unsafe_member(name):
+            raise PackageError(f"unsafe member path {name!r} would escape the target folder; refusing the package", path)
+    if not any(_is_description_name(name) for name in names):
+        raise PackageError(
+            "not a bioimage.io model package (no rdf.yaml or *.bioimageio.yaml at the top of the zip)", path
+        )
+    return names
+
+
+def summary_reason(summary: Any, limit: int = 3) -> str:
+    """The first few errors of a bioimageio ``ValidationSummary`` as one line."""
+    messages = []
+    for detail in summary.details:
+        for error in detail.errors:
+            location = ".".join(str(part) for part in error.loc)
+            text = " ".join(str(error.msg).split())
+            messages.append(f"{location}: {text}" if location else text)
+    if not messages:
+        return f"status {summary.status}"
+    extra = f" (+{len(messages) - limit} more)" if len(messages) > limit else ""
+    return "; ".join(messages[:limit]) + extra
+
+
+def load_package(path: Path):
+    """The validated ``ModelDescr`` (format 0.5) of a package; one-line error if unusable.
+
+    Older 0.4 packages are converted to 0.5 by bioimageio.spec.
+    """
+    from bioimageio.spec import InvalidDescr, load_description
+    from bioimageio.spec.model import v0_5
+
+    path = Path(path)
+    check_package_zip(path)
+    try:
+        descr = load_description(path, format_version="latest", perform_io_checks=True)
+    except Exception as exc:  # bioimageio raises many types for broken yaml
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise PackageError(f"cannot load the package description ({reason[:300]})", path) from None
+    if isinstance(descr, InvalidDescr):
+        raise PackageError(f"invalid bioimage.io package: {summary_reason(descr.validation_summary)}", path)
+    if not isinstance(descr, v0_5.ModelDescr):
+        raise PackageError(f"not a model package (resource type {getattr(descr, 'type', '?')!r})", path)
+    return descr
+
+
+def read_member(path: Path, name: str) -> bytes:
+    """The bytes of one member of a (checked) package."""
+    if unsafe_member(name):
+        raise PackageError(f"unsafe file name {name!r} in the package description", path)
+    with zipfile.ZipFile(path) as archive:
+        try:
+            return archive.read(name)
+        except KeyError:
+            raise PackageError(f"file {name!r} named in the description is missing from the package", path) from None
+
+
+def source_name(file_descr: Any) -> str:
+    """The package-relative name of a file a description entry points to."""
+    source = file_descr.source
+    # a packaged source is a relative path (or a path under the package's zip root)
+    name = getattr(source, "path", None) or str(source)
+    return PurePosixPath(str(name)).name

@@ -1,0 +1,701 @@
+"""``denoiseg zoo export``: a checkpoint -> a tested bioimage.io model package (format 0.5).
+
+The package is described with bioimageio.spec's own model classes and holds:
+
+* weights as TorchScript, ONNX and a PyTorch state dict with a self-contained architecture
+  source (see :mod:`denoiseg_zoo.architecture` and :mod:`denoiseg_zoo.weights`);
+* one input (batch, channel, [z,] y, x) normalised by ``fixed_zero_mean_unit_variance``
+  with the training statistics, sizes ``min + n * step`` from the backbone's size divisor;
+* one output with the denoised channel(s) and the head's probabilities (activation inside
+  the network), a halo from the backbone, and ``scale_linear`` de-normalising the denoised
+  channel(s);
+* test and sample tensors, covers from real predictions, a README with a ``# Validation``
+  section, citations, the training config, the threshold and instance settings in
+  ``config.denoiseg``, ``config.deepimagej`` and the ImageJ instance macro.
+
+The package is written next to ``--out`` under a temporary name, tested with
+``bioimageio.core.test_model`` for every weight format, and only renamed onto ``--out`` if
+every test passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from denoiseg_core import __version__
+from denoiseg_core.checkpoint import LoadedModel, load_checkpoint
+from denoiseg_core.errors import DataError, DenoiSegError
+from denoiseg_core.io import read_image
+
+from denoiseg_zoo import architecture as arch_export
+from denoiseg_zoo import weights as weight_export
+from denoiseg_zoo.covers import cover_png
+from denoiseg_zoo.archive import summary_reason
+
+#: marks a package made by denoiseg (``config.denoiseg.format``)
+PACKAGE_FORMAT = "denoiseg-package/1"
+MACRO_NAME = "denoiseg_instances.ijm"
+DEFAULT_LICENSE = "CC-BY-4.0"
+DEFAULT_TAGS = ("denoiseg", "noise2void", "denoising", "segmentation", "instance-segmentation", "nuclei", "unet", "pytorch")
+#: the largest test-tensor edge (keeps the package and its tests small)
+TEST_TENSOR_EDGE = 256
+
+CITATIONS = (
+    ("Buchholz, Prakash, Schmidt, Krull, Jug. DenoiSeg: Joint Denoising and Segmentation. ECCV 2020 Workshops.",
+     "10.1007/978-3-030-66415-2_21"),
+    ("Krull, Buchholz, Jug. Noise2Void - Learning Denoising from Single Noisy Images. CVPR 2019.",
+     "10.1109/CVPR.2019.00223"),
+)
+
+
+@dataclass
+class ExportOptions:
+    """What the user chooses about a package (all optional)."""
+
+    name: str | None = None
+    authors: Sequence[str] = ()
+    description: str | None = None
+    license: str = DEFAULT_LICENSE
+    tags: Sequence[str] = ()
+    samples: Sequence[Path] = ()
+    masks: Sequence[Path] = ()
+    overwrite: bool = False
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    summary: Any
+    torchscript_how: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TensorGeometry:
+    """Sizes of the package's tensors: ``min + n * step`` per spatial axis, output halo."""
+
+    min_size: int
+    step: int
+    halo: int
+
+    def valid_size_at_most(self, size: int) -> int:
+        """The largest valid size <= ``size`` (at least the minimum)."""
+        if size <= self.min_size:
+            return self.min_size
+        return self.min_size + (size - self.min_size) // self.step * self.step
+
+
+def geometry_for(model: LoadedModel) -> TensorGeometry:
+    """Tile geometry from the backbone: halo rounded up to the size divisor (so every tile
+    bioimage.io cuts starts on the network's pooling grid), minimum = 2 * halo + divisor."""
+    divisor = max(1, int(model.built.size_divisor))
+    halo = int(math.ceil(max(1, int(model.built.halo)) / divisor) * divisor)
+    return TensorGeometry(min_size=2 * halo + divisor, step=divisor, halo=halo)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def to_model_layout(image: np.ndarray, model: LoadedModel, path: Path) -> np.ndarray:
+    """A sample image as ``(C, *spatial)`` float32, or a one-line error naming the file."""
+    image = np.asarray(image)
+    if image.ndim == model.ndim and model.in_channels == 1:
+        image = image[None]
+    if image.ndim != model.ndim + 1 or image.shape[0] != model.in_channels:
+        raise DataError(
+            f"image of shape {image.shape} does not fit the model ({model.in_channels} channel(s), {model.ndim}-D)", path
+        )
+    return image.astype(np.float32)
+
+
+def _synthetic_sample(model: LoadedModel, size: int) -> np.ndarray:
+    """A synthetic nuclei image scaled to the training statistics (when no sample is given)."""
+    from denoiseg_core.synthetic import make_nuclei_image
+
+    shape = (min(size, 32),) * (model.ndim - 2) + (size, size)
+    _, noisy, _ = make_nuclei_image(shape, np.random.default_rng(0))
+    noisy = (noisy - noisy.mean()) / max(float(noisy.std()), 1e-6)
+    channels = [noisy * s + m for m, s in zip(model.normalization.mean, model.normalization.std)]
+    return np.stack(channels).astype(np.float32)
+
+
+def test_window(image: np.ndarray, geometry: TensorGeometry) -> np.ndarray:
+    """A centred crop (reflect-padded if too small) of ``(C, *spatial)`` with valid sizes."""
+    out = image
+    for axis in range(1, image.ndim):
+        size = out.shape[axis]
+        target = geometry.valid_size_at_most(min(size, max(TEST_TENSOR_EDGE, geometry.min_size)))
+        if size < target:
+            pad = [(0, 0)] * out.ndim
+            pad[axis] = (0, target - size)
+            out = np.pad(out, pad, mode="symmetric")
+        else:
+            start = (size - target) // 2
+            out = np.take(out, np.arange(start, start + target), axis=axis)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _reference_output(model: LoadedModel, raw_batch: np.ndarray) -> np.ndarray:
+    """What the package must produce for ``raw_batch`` (N, C, *s): eager PyTorch, with the
+    package's pre- and postprocessing applied the way bioimageio.core applies them."""
+    extra = (1,) * model.ndim
+    mean = np.asarray(model.normalization.mean, dtype=np.float32).reshape(1, -1, *extra)
+    std = np.asarray(model.normalization.std, dtype=np.float32).reshape(1, -1, *extra)
+    net = model.inference_net()
+    with torch.inference_mode():
+        output = net(torch.from_numpy((raw_batch - mean) / std)).numpy()
+    output = output.copy()
+    output[:, : model.in_channels] = output[:, : model.in_channels] * std + mean
+    return output.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- description
+
+
+def _check_name(name: str) -> str:
+    allowed = re.compile(r"^[A-Za-z0-9_+\- ()]{5,128}$")
+    if not allowed.match(name):
+        raise DenoiSegError(
+            f"--name {name!r}: a bioimage.io model name has 5-128 characters: letters, digits, spaces and _+-()"
+        )
+    return name
+
+
+def _clean_json(value: Any) -> Any:
+    """Plain YAML-safe values (NaN/inf -> None, tuples -> lists)."""
+    if isinstance(value, dict):
+        return {str(k): _clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_json(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+#: the segmentation channels the ImageJ macro understands (the built-in three_class head)
+MACRO_CHANNELS = ("background", "foreground", "border")
+
+
+def macro_applies(model: LoadedModel) -> bool:
+    """Whether the ImageJ instance macro fits this model's head."""
+    return tuple(model.built.head.channel_names) == MACRO_CHANNELS
+
+
+def render_macro(model: LoadedModel, head_params: dict, threshold: float) -> str:
+    """The packaged ImageJ macro with this model's settings written into its settings block."""
+    template = resources.files("denoiseg_zoo").joinpath(MACRO_NAME).read_text(encoding="utf-8")
+    settings = {
+        "threshold": f"{threshold:.9g}",
+        "denoisedChannels": str(model.in_channels),
+        "growIntoBorder": "1" if head_params.get("grow_into_border", True) else "0",
+        "outerBorder": "1" if head_params.get("border_mode", "outer") == "outer" else "0",
+        "minSize": str(int(head_params.get("min_size", 0))),
+    }
+    for key, value in settings.items():
+        template, count = re.subn(rf"(?m)^{key} = .*;$", f"{key} = {value};", template, count=1)
+        if count != 1:
+            raise RuntimeError(f"macro template lacks the setting {key}")
+    return template
+
+
+def _evaluations(model: LoadedModel, sample_scores: dict | None) -> dict[str, dict]:
+    extra = model.state.get("extra") or {}
+    found: dict[str, dict] = {}
+    for key, title in (("evaluation", "Evaluation recorded in the checkpoint"),
+                       ("validation", "Validation data used during training (threshold tuning)")):
+        value = extra.get(key)
+        if isinstance(value, dict) and value:
+            found[title] = value
+    if sample_scores:
+        found["Export samples with the given masks"] = sample_scores
+    return found
+
+
+def build_description(
+    model: LoadedModel,
+    files: dict[str, Path],
+    geometry: TensorGeometry,
+    options: ExportOptions,
+    arch: arch_export.ArchitectureExport,
+    config_section: dict,
+    torchscript_comment: str,
+) -> Any:
+    """The ``ModelDescr`` (v0.5) of the package; ``files`` maps roles to local files."""
+    from bioimageio.spec.model.v0_5 import (
+        ArchitectureFromFileDescr,
+        Author,
+        AxisId,
+        BatchAxis,
+        ChannelAxis,
+        CiteEntry,
+        Doi,
+        FileDescr,
+        FixedZeroMeanUnitVarianceAlongAxisKwargs,
+        FixedZeroMeanUnitVarianceDescr,
+        FixedZeroMeanUnitVarianceKwargs,
+        Identifier,
+        InputTensorDescr,
+        LicenseId,
+        ModelDescr,
+        OnnxWeightsDescr,
+        OutputTensorDescr,
+        ParameterizedSize,
+        PytorchStateDictWeightsDescr,
+        ScaleLinearAlongAxisKwargs,
+        ScaleLinearDescr,
+        SizeReference,
+        SpaceInputAxis,
+        SpaceOutputAxisWithHalo,
+        TensorId,
+        TorchscriptWeightsDescr,
+        Version,
+        WeightsDescr,
+    )
+
+    head = model.built.head
+    spatial_ids = ["z", "y", "x"][-model.ndim :]
+    input_id, output_id = TensorId("input"), TensorId("output")
+    in_names = ["raw"] if model.in_channels == 1 else [f"raw{c}" for c in range(model.in_channels)]
+    denoised_names = ["denoised"] if model.in_channels == 1 else [f"denoised{c}" for c in range(model.in_channels)]
+    mean = [float(v) for v in model.normalization.mean]
+    std = [max(float(v), 1e-6) for v in model.normalization.std]
+
+    if model.in_channels == 1:
+        normalise = FixedZeroMeanUnitVarianceDescr(kwargs=FixedZeroMeanUnitVarianceKwargs(mean=mean[0], std=std[0]))
+    else:
+        normalise = FixedZeroMeanUnitVarianceDescr(
+            kwargs=FixedZeroMeanUnitVarianceAlongAxisKwargs(axis=AxisId("channel"), mean=mean, std=std)
+        )
+    n_prob = head.num_classes
+    gain, offset = std + [1.0] * n_prob, mean + [0.0] * n_prob
+    # bioimageio rejects an identity scale_linear (training data already had mean 0, std 1)
+    identity = all(g == 1.0 for g in gain) and all(o == 0.0 for o in offset)
+    denormalise = [] if identity else [
+        ScaleLinearDescr(kwargs=ScaleLinearAlongAxisKwargs(axis=AxisId("channel"), gain=gain, offset=offset))
+    ]
+    input_descr = InputTensorDescr(
+        id=input_id,
+        description="raw microscopy image (any intensity range; normalised by the package)",
+        axes=[
+            BatchAxis(),
+            ChannelAxis(channel_names=[Identifier(n) for n in in_names]),
+            *[
+                SpaceInputAxis(id=AxisId(a), size=ParameterizedSize(min=geometry.min_size, step=geometry.step))
+                for a in spatial_ids
+            ],
+        ],
+        test_tensor=FileDescr(source=files["test_input"]),
+        sample_tensor=FileDescr(source=files["sample_input"]),
+        preprocessing=[normalise],
+    )
+    output_descr = OutputTensorDescr(
+        id=output_id,
+        description="denoised image (input intensity units), then the class probabilities " + "/".join(head.channel_names),
+        axes=[
+            BatchAxis(),
+            ChannelAxis(channel_names=[Identifier(n) for n in denoised_names + list(head.channel_names)]),
+            *[
+                SpaceOutputAxisWithHalo(
+                    id=AxisId(a), halo=geometry.halo, size=SizeReference(tensor_id=input_id, axis_id=AxisId(a))
+                )
+                for a in spatial_ids
+            ],
+        ],
+        test_tensor=FileDescr(source=files["test_output"]),
+        sample_tensor=FileDescr(source=files["sample_output"]),
+        postprocessing=denormalise,
+    )
+    torch_version = Version(torch.__version__.split("+")[0])
+    weights = WeightsDescr(
+        pytorch_state_dict=PytorchStateDictWeightsDescr(
+            source=files["state_dict"],
+            architecture=ArchitectureFromFileDescr(
+                source=files["architecture"], callable=Identifier(arch.callable_name), kwargs=arch.kwargs
+            ),
+            pytorch_version=torch_version,
+            comment="weights of denoiseg's inference network (backbone + head activation)",
+        ),
+        torchscript=TorchscriptWeightsDescr(
+            source=files["torchscript"],
+            pytorch_version=torch_version,
+            parent="pytorch_state_dict",
+            comment=torchscript_comment,
+        ),
+        onnx=OnnxWeightsDescr(
+            source=files["onnx"],
+            opset_version=weight_export.ONNX_OPSET,
+            parent="pytorch_state_dict",
+            comment="single file, no external data",
+        ),
+    )
+    try:
+        license_id = LicenseId(options.license)
+    except Exception:
+        raise DenoiSegError(
+            f"--license {options.license!r} is not an SPDX license id known to bioimage.io (e.g. CC-BY-4.0, MIT, BSD-3-Clause)"
+        ) from None
+    tags = list(dict.fromkeys([*DEFAULT_TAGS, f"{model.ndim}d", *options.tags]))
+    attachments = [FileDescr(source=files[k]) for k in ("training_config", "macro") if k in files]
+    return ModelDescr(
+        name=options.name,
+        description=options.description,
+        authors=[Author(name=a) for a in options.authors],
+        cite=[CiteEntry(text=text, doi=Doi(doi)) for text, doi in CITATIONS],
+        license=license_id,
+        tags=tags,
+        documentation=FileDescr(source=files["readme"]),
+        covers=[FileDescr(source=files[k]) for k in sorted(files) if k.startswith("cover")],
+        attachments=attachments,
+        inputs=[input_descr],
+        outputs=[output_descr],
+        weights=weights,
+        config=config_section,
+    )
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _test_package(path: Path):
+    from bioimageio.core import test_model
+
+    return test_model(path, devices=["cpu"])
+
+
+def export_package(
+    checkpoint: Path,
+    out: Path,
+    options: ExportOptions | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    registry: Any = None,
+    *,
+    samples: Sequence[Path] | None = None,
+    sample_masks: Sequence[Path] | None = None,
+    overwrite: bool | None = None,
+    **option_fields: Any,
+) -> ExportResult:
+    """Export ``checkpoint`` (a file or run folder) as a bioimage.io package at ``out``;
+    nothing is written there unless every weight format passes ``bioimageio.core.test_model``.
+
+    The package's metadata comes from ``options`` or, equivalently, keyword arguments
+    (``name``, ``authors``, ``description``, ``license``, ``tags``, ``samples``,
+    ``sample_masks``, ``overwrite``). ``registry`` (default: the installed plugins)
+    resolves the checkpoint's components.
+    """
+    options = options or ExportOptions()
+    overrides = dict(option_fields)
+    if samples is not None:
+        overrides["samples"] = list(samples)
+    if sample_masks is not None:
+        overrides["masks"] = list(sample_masks)
+    if overwrite is not None:
+        overrides["overwrite"] = overwrite
+    unknown = set(overrides) - set(ExportOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"export_package() got unexpected keyword arguments {sorted(unknown)}")
+    options = ExportOptions(**{**options.__dict__, **overrides})
+    from bioimageio.spec import save_bioimageio_package
+    from pydantic import ValidationError
+
+    from denoiseg_core.prediction import predict_image, segment
+
+    out = Path(out)
+    if out.suffix.lower() != ".zip":
+        raise DenoiSegError("the package name must end in .zip", out)
+    if out.exists() and not options.overwrite:
+        raise DenoiSegError("output exists (use --overwrite to replace it)", out)
+    if options.masks and len(options.masks) != len(options.samples):
+        raise DenoiSegError(f"{len(options.masks)} --mask for {len(options.samples)} --sample; give one mask per sample or none")
+
+    model = load_checkpoint(Path(checkpoint), registry=registry)
+    built = model.built
+    geometry = geometry_for(model)
+    arch = arch_export.architecture_export(built)
+    head_params = built.head_spec.params.model_validate(model.config.model.head.params).model_dump(mode="json")
+    threshold = float(model.threshold) if model.threshold is not None else 0.5
+    label = Path(checkpoint).name if Path(checkpoint).is_dir() else Path(checkpoint).stem
+    label = re.sub(r"[^A-Za-z0-9_+\- ()]", "-", label)[:80]
+    name = _check_name(options.name or f"DenoiSeg {label} {model.ndim}D")
+    authors = list(options.authors) or ["Unknown author"]
+    if not options.authors:
+        log("note: no --author given; the package lists 'Unknown author'")
+    description = options.description or (
+        f"DenoiSeg: joint Noise2Void denoising and 3-class nuclei segmentation of {model.ndim}D microscopy images."
+    )
+    options = ExportOptions(**{**options.__dict__, "name": name, "authors": authors, "description": description})
+
+    samples = [to_model_layout(read_image(p), model, Path(p)) for p in options.samples]
+    masks = [np.asarray(read_image(p)) for p in options.masks]
+    for sample, mask, path in zip(samples, masks, options.masks):
+        if mask.shape != sample.shape[1:]:
+            raise DataError(f"mask shape {mask.shape} differs from its sample's spatial shape {sample.shape[1:]}", path)
+    synthetic = not samples
+    if synthetic:
+        samples = [_synthetic_sample(model, max(geometry.min_size, 128))]
+        log("note: no --sample given; test tensors and cover use a synthetic nuclei image")
+
+    # Real predictions for the covers (and the sample scores when masks were given).
+    predictions = [predict_image(model, s) for s in samples]
+    labels = [segment(model, p, threshold) for p in predictions]
+    sample_scores = None
+    if masks:
+        from denoiseg_core.metrics import evaluate_segmentation
+
+        scores = evaluate_segmentation(masks, labels, names=[Path(p).name for p in options.samples])
+        sample_scores = {k: v for k, v in scores.items() if k != "per_image"}
+
+    test_input = test_window(samples[0], geometry)[None]
+    test_output = _reference_output(model, test_input)
+    evaluations = _evaluations(model, sample_scores)
+
+    with tempfile.TemporaryDirectory(prefix="denoiseg-export-") as tmp_name:
+        tmp = Path(tmp_name)
+        files: dict[str, Path] = {}
+
+        def put(role: str, filename: str, data: bytes | str) -> None:
+            path = tmp / filename
+            if isinstance(data, str):
+                path.write_text(data, encoding="utf-8")
+            else:
+                path.write_bytes(data)
+            files[role] = path
+
+        np.save(tmp / "test_input.npy", test_input)
+        np.save(tmp / "test_output.npy", test_output)
+        files["test_input"], files["test_output"] = tmp / "test_input.npy", tmp / "test_output.npy"
+        _write_sample_tiffs(tmp, files, test_input[0], test_output[0], model)
+
+        # weights (each checked against the eager network on the test input)
+        inference = model.inference_net()
+        example = torch.from_numpy(_normalised(model, test_input))
+        log("exporting weights: pytorch_state_dict, torchscript, onnx")
+        put("architecture", "denoiseg_architecture.py", arch.source)
+        put("state_dict", "weights.pt", weight_export.state_dict_bytes(built.net))
+        _check_architecture(files["architecture"], arch, built, inference, example)
+        torchscript, how = weight_export.export_torchscript(inference, example, built.backbone_spec.name)
+        put("torchscript", "weights_torchscript.pt", torchscript)
+        put("onnx", "weights.onnx", weight_export.export_onnx(inference, example, built.backbone_spec.name))
+
+        put("training_config", "training_config.yaml", yaml.safe_dump(_clean_json(model.config.model_dump(mode="json")), sort_keys=False))
+        if macro_applies(model):
+            put("macro", MACRO_NAME, render_macro(model, head_params, threshold))
+        else:
+            log(f"note: head {model.config.model.head.name!r} has channels {model.built.head.channel_names}; no ImageJ macro packaged")
+        for index, (sample, prediction, label) in enumerate(zip(samples[:2], predictions[:2], labels[:2])):
+            put(f"cover{index}", f"cover{index}.png", cover_png(sample, prediction.denoised, label))
+        put(
+            "readme",
+            "README.md",
+            _readme(model, options, geometry, threshold, evaluations, head_params),
+        )
+        config_section = _config_section(model, geometry, threshold, head_params, evaluations, test_input, test_output, synthetic)
+        try:
+            descr = build_description(model, files, geometry, options, arch, config_section, f"{how} with torch {torch.__version__}")
+        except ValidationError as exc:
+            raise DenoiSegError(f"cannot describe the package: {_pydantic_reason(exc)}") from None
+
+        with _partial_zip(out) as partial:
+            log("writing and testing the package (bioimageio.core test_model, every weight format)")
+            try:
+                save_bioimageio_package(descr, output_path=partial)
+            except Exception as exc:
+                raise DenoiSegError(f"bioimageio.spec refused the package: {' '.join(str(exc).split())[:500]}") from None
+            summary = _test_package(partial)
+            if summary.status != "passed":
+                raise DenoiSegError(
+                    f"the package failed bioimageio.core's test, nothing written: {summary_reason(summary, limit=5)}", out
+                )
+            if out.exists() and not options.overwrite:  # appeared while exporting
+                raise DenoiSegError("output exists (use --overwrite to replace it)", out)
+    return ExportResult(path=out, summary=summary, torchscript_how=how)
+
+
+@contextlib.contextmanager
+def _partial_zip(out: Path):
+    """A temporary ``.zip`` path beside ``out``, renamed onto ``out`` only if the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.stem}.{uuid.uuid4().hex[:8]}.partial.zip"
+    try:
+        yield partial
+        os.replace(partial, out)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
+def _normalised(model: LoadedModel, raw_batch: np.ndarray) -> np.ndarray:
+    extra = (1,) * model.ndim
+    mean = np.asarray(model.normalization.mean, dtype=np.float32).reshape(1, -1, *extra)
+    std = np.asarray(model.normalization.std, dtype=np.float32).reshape(1, -1, *extra)
+    return ((raw_batch - mean) / std).astype(np.float32)
+
+
+def _check_architecture(path: Path, arch, built, inference, example: torch.Tensor) -> None:
+    """The shipped architecture must rebuild the trained network exactly (strict keys, same output)."""
+    rebuilt = arch_export.build_from_source(path, arch.callable_name, arch.kwargs)
+    try:
+        rebuilt.load_state_dict(built.net.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise DenoiSegError(
+            f"backbone {built.backbone_spec.name!r}: its architecture source does not match the trained weights "
+            f"({str(exc).splitlines()[0]})"
+        ) from None
+    rebuilt.eval()
+    with torch.inference_mode():
+        expected, actual = inference(example), rebuilt(example)
+    if expected.shape != actual.shape or not torch.allclose(expected, actual, rtol=1e-4, atol=1e-5):
+        raise DenoiSegError(
+            f"backbone {built.backbone_spec.name!r}: the network rebuilt from its architecture source computes "
+            "something else than the trained network"
+        )
+
+
+def _write_sample_tiffs(tmp: Path, files: dict[str, Path], sample: np.ndarray, output: np.ndarray, model: LoadedModel) -> None:
+    """Sample tensors as TIFF (viewable by people): the test window's raw input and output."""
+    import tifffile
+
+    raw = sample[0] if model.in_channels == 1 else sample
+    tifffile.imwrite(tmp / "sample_input.tif", raw.astype(np.float32), photometric="minisblack")
+    tifffile.imwrite(tmp / "sample_output.tif", output.astype(np.float32), photometric="minisblack")
+    files["sample_input"], files["sample_output"] = tmp / "sample_input.tif", tmp / "sample_output.tif"
+
+
+def _pydantic_reason(exc: Exception) -> str:
+    errors = getattr(exc, "errors", lambda: [])()
+    if not errors:
+        return str(exc).splitlines()[0]
+    first = errors[0]
+    return f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', '')}"
+
+
+def _config_section(
+    model: LoadedModel,
+    geometry: TensorGeometry,
+    threshold: float,
+    head_params: dict,
+    evaluations: dict,
+    test_input: np.ndarray,
+    test_output: np.ndarray,
+    synthetic: bool,
+) -> dict:
+    head = model.built.head
+    n = model.in_channels
+    spatial = test_input.shape[2:]
+    macro = macro_applies(model)
+    ij_size = lambda shape, channels: " x ".join(map(str, [shape[-1], shape[-2], shape[-3] if len(shape) == 3 else 1, channels]))  # noqa: E731
+    return _clean_json(
+        {
+            "denoiseg": {
+                "format": PACKAGE_FORMAT,
+                "denoiseg_version": __version__,
+                "torch_version": torch.__version__,
+                "ndim": model.ndim,
+                "in_channels": n,
+                "normalization": model.normalization.to_dict(),
+                "threshold": threshold,
+                "threshold_tuned": model.threshold is not None,
+                "size_divisor": int(model.built.size_divisor),
+                "backbone_halo": int(model.built.halo),
+                "halo": geometry.halo,
+                "output_channels": {"denoised": list(range(n)), "probabilities": list(range(n, n + head.num_classes))},
+                "backbone": {"name": model.config.model.backbone.name, "params": model.built.backbone_params.model_dump(mode="json")},
+                "head": {
+                    "name": model.config.model.head.name,
+                    "params": head_params,
+                    "channel_names": list(head.channel_names),
+                },
+                "instances": {
+                    "threshold": threshold,
+                    "foreground_channel": n + 1,
+                    "border_channel": n + 2,
+                    "background_channel": n,
+                    "connectivity": "face neighbours (4 in 2D, 6 in 3D)",
+                    "grow_into_border": head_params.get("grow_into_border"),
+                    "border_mode": head_params.get("border_mode"),
+                    "min_size": head_params.get("min_size"),
+                    "imagej_macro": MACRO_NAME if macro else None,
+                },
+                "training_config": model.config.model_dump(mode="json"),
+                "evaluation": evaluations,
+                "epoch": model.state.get("epoch"),
+                "synthetic_sample": synthetic,
+            },
+            "deepimagej": {
+                "pyramidal_model": False,
+                "allow_tiling": True,
+                "model_keys": None,
+                "prediction": {
+                    "preprocess": [{"spec": None}],
+                    "postprocess": [{"spec": "ij.IJ::runMacroFile", "kwargs": MACRO_NAME} if macro else {"spec": None}],
+                },
+                "test_information": {
+                    "inputs": [{"name": "test_input.npy", "size": ij_size(spatial, n), "pixel_size": {"x": 1.0, "y": 1.0, "z": 1.0}}],
+                    "outputs": [{"name": "test_output.npy", "type": "image", "size": ij_size(spatial, test_output.shape[1])}],
+                    "memory_peak": None,
+                    "runtime": None,
+                },
+            },
+        }
+    )
+
+
+def _readme(
+    model: LoadedModel,
+    options: ExportOptions,
+    geometry: TensorGeometry,
+    threshold: float,
+    evaluations: dict,
+    head_params: dict,
+) -> str:
+    from denoiseg_zoo.documentation import readme
+
+    config = model.config
+    head = model.built.head
+    denoised = ["denoised"] if model.in_channels == 1 else [f"denoised{c}" for c in range(model.in_channels)]
+    training = {
+        "backbone": f"{config.model.backbone.name} {model.built.backbone_params.model_dump(mode='json')}",
+        "head": f"{config.model.head.name} {head_params}",
+        "masking": config.model.masking.name,
+        "alpha (denoising weight)": config.training.alpha,
+        "epochs trained": model.state.get("epoch"),
+        "patch size": config.data.patch_size,
+        "batch size": config.training.batch_size,
+        "learning rate": config.training.learning_rate,
+        "labelled images": config.data.n_labelled if config.data.n_labelled is not None else "all",
+        "denoiseg version": model.versions.get("denoiseg", __version__),
+    }
+    return readme(
+        name=options.name or "DenoiSeg model",
+        description=options.description or "",
+        ndim=model.ndim,
+        in_channels=model.in_channels,
+        channel_names=denoised + list(head.channel_names),
+        min_size=geometry.min_size,
+        step=geometry.step,
+        halo=geometry.halo,
+        mean=model.normalization.mean,
+        std=model.normalization.std,
+        threshold=threshold,
+        macro_name=MACRO_NAME if macro_applies(model) else None,
+        head_name=config.model.head.name,
+        evaluations=evaluations,
+        training_summary=training,
+    )
