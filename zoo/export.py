@@ -20,12 +20,9 @@ every test passes.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
 import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,7 +36,7 @@ import yaml
 from denoiseg_core import __version__
 from denoiseg_core.checkpoint import LoadedModel, load_checkpoint
 from denoiseg_core.errors import DataError, DenoiSegError
-from denoiseg_core.io import read_image
+from denoiseg_core.io import atomic_path, read_image
 
 from denoiseg_zoo import architecture as arch_export
 from denoiseg_zoo import weights as weight_export
@@ -512,7 +509,7 @@ def export_package(
         except ValidationError as exc:
             raise DenoiSegError(f"cannot describe the package: {_pydantic_reason(exc)}") from None
 
-        with _partial_zip(out) as partial:
+        with atomic_path(out, suffix=".partial.zip") as partial:
             log("writing and testing the package (bioimageio.core test_model, every weight format)")
             try:
                 save_bioimageio_package(descr, output_path=partial)
@@ -526,19 +523,6 @@ def export_package(
             if out.exists() and not options.overwrite:  # appeared while exporting
                 raise DenoiSegError("output exists (use --overwrite to replace it)", out)
     return ExportResult(path=out, summary=summary, torchscript_how=how)
-
-
-@contextlib.contextmanager
-def _partial_zip(out: Path):
-    """A temporary ``.zip`` path beside ``out``, renamed onto ``out`` only if the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.stem}.{uuid.uuid4().hex[:8]}.partial.zip"
-    try:
-        yield partial
-        os.replace(partial, out)
-    finally:
-        if partial.exists():
-            partial.unlink()
 
 
 def _normalised(model: LoadedModel, raw_batch: np.ndarray) -> np.ndarray:
