@@ -79,7 +79,7 @@ def save_checkpoint(
         "normalization": normalization.to_dict(),
         "threshold": threshold,
         "epoch": epoch,
-        "model_state": {k: v.detach().cpu() for k, v in built.net.state_dict().items()},
+        "model_state": {k: v.detach().cpu().contiguous() for k, v in built.net.state_dict().items()},  # plain layout even after channels_last training
         "training_state": training_state,
         "extra": extra or {},
     }

@@ -68,9 +68,16 @@ class TrainingConfig(StrictModel):
     lr_patience: int = Field(10, ge=1, description="epochs without validation improvement before the learning rate is halved")
     lr_factor: float = Field(0.5, gt=0, lt=1)
     augment: bool = Field(True, description="8-fold rotation/flip augmentation")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 otherwise")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="bf16 autocast with fp32 weights, or fp32; auto: bf16 on CUDA and on CPUs with native bf16 "
+        "(AMX or AVX512-BF16), fp32 otherwise",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes sampling patches; 0 samples in the training process (exactly repeatable)"
+    )
+    compile: bool = Field(False, description="torch.compile the network (falls back to eager with a warning if unavailable)")
     validation_batches: int | None = Field(None, ge=1, description="limit validation to this many batches")
     threshold_tuning: bool = Field(True, description="tune the foreground threshold on validation data after training")
     best_metric: Literal["val_loss", "val_ap50"] = Field(

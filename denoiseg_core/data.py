@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from torch.utils import data as torch_data
 
 from denoiseg_core.checkpoint import Normalization
 from denoiseg_core.config import DataConfig
@@ -533,3 +534,25 @@ class PatchSampler:
             if patch_target is not None:
                 targets[b] = patch_target
         return patches, targets, labelled
+
+
+class PatchStream(torch_data.IterableDataset):
+    """An endless stream of :meth:`PatchSampler.sample` batches for a torch ``DataLoader``.
+
+    Use ``DataLoader(stream, batch_size=None, num_workers=n)``: each worker process draws
+    whole batches from its own generator, seeded by ``seed`` plus the worker's id, so a
+    seeded run gives the same batches in the same order (the loader takes them from the
+    workers in turn). In the main process (``num_workers=0``) the stream uses ``seed`` alone.
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, seed: int | Sequence[int] = 0):
+        super().__init__()
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.seed = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+
+    def __iter__(self):
+        info = torch_data.get_worker_info()
+        rng = np.random.default_rng(self.seed if info is None else [*self.seed, info.id])
+        while True:
+            yield self.sampler.sample(self.batch_size, rng)

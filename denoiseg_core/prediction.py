@@ -10,9 +10,14 @@ whole-image inference up to floating-point rounding.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import itertools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -29,6 +34,20 @@ WHOLE_IMAGE_PIXEL_LIMIT = 1024 * 1024
 
 #: tile sizes used by ``tile="auto"`` (before rounding up to the size divisor)
 DEFAULT_TILES: dict[int, tuple[int, ...]] = {2: (256, 256), 3: (32, 128, 128)}
+
+#: kept (halo-free) tile sizes used when tiles are sized to the device: large tiles waste
+#: less compute on overlapping halos; these fit a depth-4/32 U-Net well inside 4 GiB on a
+#: CPU and inside a few GiB on a GPU (bf16 halves that)
+DEVICE_TILES: dict[tuple[str, int], tuple[int, ...]] = {
+    ("cpu", 2): (1024, 1024),
+    ("cpu", 3): (64, 256, 256),
+    ("cuda", 2): (2048, 2048),
+    ("cuda", 3): (96, 384, 384),
+}
+
+#: most pixels (voxels) of tiles run through the network at once, per device type: with
+#: large tiles the batch shrinks (to one tile) so activations stay within a few GiB
+TILE_BATCH_PIXELS: dict[str, int] = {"cpu": 2**21, "cuda": 2**23}
 
 Slices = tuple[slice, ...]
 
@@ -158,12 +177,129 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return resolved
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_capability() -> str | None:
+    """The CPU's native bfloat16 matrix instructions: ``"amx"``, ``"avx512_bf16"`` or ``None``.
+
+    Read from ``/proc/cpuinfo`` (Linux); other systems report ``None``. Without these
+    instructions oneDNN emulates bf16 and autocast is slower than float32.
+    ``torch.backends.cpu.get_cpu_capability()`` only says ``AVX512`` for both kinds.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags: set[str] = set()
+            for line in fh:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return None
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32``/``bf16`` stay; ``auto`` picks the fast safe choice for ``device``.
+
+    ``auto`` is bf16 autocast (float32 weights, losses and outputs) on a CUDA GPU with
+    bf16 support and on a CPU with native bf16 matrix instructions (AMX or AVX512-BF16,
+    where bf16 convolutions measured 1.5-2x faster than float32); float32 elsewhere.
+    Setting ``DENOISEG_CPU_BF16=0`` (or ``1``) overrides the CPU detection.
+    """
+    if precision in ("fp32", "bf16"):
+        return precision
+    if precision != "auto":
+        raise ConfigError(f"unknown precision {precision!r} (use fp32, bf16 or auto)")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        forced = os.environ.get("DENOISEG_CPU_BF16")
+        if forced is not None:
+            return "bf16" if forced.strip() not in ("", "0", "false", "no") else "fp32"
+        return "bf16" if cpu_bf16_capability() is not None else "fp32"
+    return "fp32"
+
+
+def preferred_memory_format(ndim: int, device: torch.device) -> torch.memory_format:
+    """Channels-last layout (NHWC / NDHWC): oneDNN and cuDNN convolutions are fastest in it
+    (measured 1.2-2x for DenoiSeg U-Nets on CPU, 2D and 3D, fp32 and bf16)."""
+    if ndim == 2:
+        return torch.channels_last
+    if ndim == 3:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    if resolve_precision(precision, device) == "fp32":
         return contextlib.nullcontext()
-    if precision in ("bf16", "auto"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ConfigError(f"unknown precision {precision!r} (use fp32, bf16 or auto)")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _foldable_pairs(net: nn.Module) -> list[tuple[nn.Sequential, str, str]]:
+    """``(sequential, conv_name, bn_name)`` for each batch norm (with running statistics)
+    that directly follows a convolution inside an ``nn.Sequential``."""
+    pairs = []
+    for module in net.modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module._modules.items())
+            for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
+                if isinstance(conv, _CONVOLUTIONS) and isinstance(bn, _BATCH_NORMS) and bn.track_running_stats:
+                    pairs.append((module, conv_name, bn_name))
+    return pairs
+
+
+def fold_batch_norm(net: nn.Module) -> nn.Module:
+    """For inference: a copy of an eval-mode ``net`` with every batch norm that directly
+    follows a convolution (in an ``nn.Sequential``) folded into the convolution's weights.
+
+    Same function up to float rounding, one memory pass less per convolution (measured
+    about 10% faster in float32 and 20% in bf16 on CPU for the DenoiSeg U-Net). Returns
+    ``net`` itself when it is training or has nothing to fold.
+    """
+    if net.training or not _foldable_pairs(net):
+        return net
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(net)
+    for sequential, conv_name, bn_name in _foldable_pairs(folded):
+        conv, bn = sequential._modules[conv_name], sequential._modules[bn_name]
+        sequential._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
+        sequential._modules[bn_name] = nn.Identity()
+    return folded
+
+
+def _padded_axis_index(size: int, padded: int) -> np.ndarray:
+    """Source index of each position along a padded axis (reflect padding at the end, as
+    ``np.pad(..., mode="reflect")`` would do, ``symmetric`` for a single pixel)."""
+    mode = "reflect" if size > 1 else "symmetric"
+    return np.pad(np.arange(size), (0, padded - size), mode=mode)
+
+
+def _read_tile(
+    image: np.ndarray, window: Slices, axis_index: list[np.ndarray], shift: np.ndarray | None, scale: np.ndarray | None
+) -> np.ndarray:
+    """One float32 ``(C, *tile)`` tile of the virtually padded (and normalised) image.
+
+    Only the tile is copied: interior tiles are plain slices; tiles reaching into the
+    padding gather their rows and columns through the reflect index."""
+    if all(w.stop <= size for w, size in zip(window, image.shape[1:])):
+        tile = image[(slice(None), *window)]
+    else:
+        tile = image[(slice(None), *np.ix_(*(index[w] for w, index in zip(window, axis_index))))]
+    # a copy when normalising (never modify the caller's image); np.stack copies otherwise
+    tile = tile.astype(np.float32, copy=shift is not None)
+    if shift is not None:
+        tile -= shift
+        tile /= scale
+    return tile
 
 
 def predict_array(
@@ -177,17 +313,32 @@ def predict_array(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     out_channels: int | None = None,
+    normalization: tuple[np.ndarray, np.ndarray] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run ``net`` (``(N, C, *s) -> (N, K, *s)``) over one ``(C, *spatial)`` image, tiled.
 
     The image is reflect-padded to a multiple of ``divisor``; ``tile=None`` runs it whole.
     Tiles go through the network ``batch_size`` at a time and their kept centres are
     written into one preallocated ``(K, *spatial)`` float32 array, so memory stays bounded
-    by the image plus one batch. ``device=None`` runs where the network's parameters are;
-    otherwise the network is moved there. ``precision="bf16"`` uses bfloat16 autocast,
-    ``"auto"`` does so on CUDA only. The network is used as is (put it in eval mode first).
+    by the image, the output and one batch of tiles (at most :data:`TILE_BATCH_PIXELS`
+    pixels, so large tiles go one at a time): the padding and (with
+    ``normalization=(mean, std)``, arrays broadcasting against the image) the
+    normalisation are applied tile by tile, never to a full-size copy. ``out`` is an
+    optional preallocated ``(K, *spatial)`` float32 array (for instance a
+    :func:`tiff_memmap`, to stream a large output to disk) that is filled and returned.
+
+    ``device=None`` runs where the network's parameters are; otherwise the network is
+    moved there. ``precision``: ``fp32``, ``bf16`` (autocast) or ``auto`` (see
+    :func:`resolve_precision`). The network runs in channels_last memory layout (faster
+    convolutions; same weights) and, in eval mode, with its batch norms folded into the
+    convolutions (:func:`fold_batch_norm`, on a copy). Put it in eval mode first.
     """
-    image = np.asarray(image_normalised, dtype=np.float32)
+    image = np.asarray(image_normalised)
+    if image.dtype.kind not in "uif":
+        raise ValueError(f"expected a numeric image, got {image.dtype}")
+    if normalization is None and image.dtype != np.float32:
+        image = image.astype(np.float32)
     if image.ndim < 3:
         raise ValueError(f"expected a (C, *spatial) image with 2 or 3 spatial axes, got shape {image.shape}")
     if batch_size < 1:
@@ -197,44 +348,100 @@ def predict_array(
     if target is None:
         parameter = next(iter(net.parameters()), None)
         target = parameter.device if parameter is not None else torch.device("cpu")
-    else:
-        net.to(target)
+    net = fold_batch_norm(net)  # a folded copy in eval mode; the caller's network is left as it is
+    net.to(target)
+    memory_format = preferred_memory_format(len(spatial), target)
+    net.to(memory_format=memory_format)
+    shift = scale = None
+    if normalization is not None:
+        shift, scale = (np.asarray(a, dtype=np.float32) for a in normalization)
 
     padded = padded_shape(spatial, divisor)
-    padding = [(0, 0)] + [(0, p - s) for s, p in zip(spatial, padded)]
-    # reflect keeps image statistics at the padded edge (zeros would look like a dark border)
-    source = np.pad(image, padding, mode="reflect") if padded != tuple(spatial) else image
+    axis_index = [_padded_axis_index(s, p) for s, p in zip(spatial, padded)]
     placements = tile_plan(spatial, tile, halo, divisor)
+    tile_pixels = math.prod(w.stop - w.start for w in placements[0].input)
+    budget = TILE_BATCH_PIXELS.get(target.type)
+    if budget is not None:
+        batch_size = max(1, min(batch_size, budget // tile_pixels))
 
-    result: np.ndarray | None = None
-    if out_channels is not None:
-        result = np.empty((out_channels, *spatial), dtype=np.float32)
+    result = out
+    expected = out_channels if out_channels is not None else (out.shape[0] if out is not None else None)
+    if result is not None and tuple(result.shape[1:]) != tuple(spatial):
+        raise ValueError(f"out has shape {result.shape}, expected (K, {', '.join(map(str, spatial))})")
+    if result is None and expected is not None:
+        result = np.empty((expected, *spatial), dtype=np.float32)
+    non_blocking = target.type == "cuda"
     with torch.inference_mode(), _autocast(target, precision):
         for first in range(0, len(placements), batch_size):
             batch = placements[first : first + batch_size]
-            inputs = np.stack([source[(slice(None), *p.input)] for p in batch])
-            outputs = net(torch.from_numpy(inputs).to(target)).float().cpu().numpy()
+            inputs = torch.from_numpy(np.stack([_read_tile(image, p.input, axis_index, shift, scale) for p in batch]))
+            if non_blocking:
+                inputs = inputs.pin_memory()
+            inputs = inputs.to(target, non_blocking=non_blocking).contiguous(memory_format=memory_format)
+            outputs = net(inputs).float().cpu().numpy()
             if result is None:
                 result = np.empty((outputs.shape[1], *spatial), dtype=np.float32)
             elif outputs.shape[1] != result.shape[0]:
                 raise ValueError(f"network produced {outputs.shape[1]} channels, expected {result.shape[0]}")
             for placement, output in zip(batch, outputs):
                 result[(slice(None), *placement.output)] = output[(slice(None), *placement.crop)]
+            del inputs, outputs
     assert result is not None  # the plan always has at least one tile
     return result
 
 
+def tiff_memmap(path: str | Path, shape: Sequence[int]) -> np.ndarray:
+    """A new float32 TIFF at ``path`` opened as a writable memory map of ``shape``.
+
+    Pass it as ``out`` to :func:`predict_array`/:func:`predict_image` to write a large
+    output tile by tile without holding it in memory; flush with ``.flush()`` (or drop
+    the last reference) when done. Refuses to overwrite an existing file.
+    """
+    import tifffile
+
+    path = Path(path)
+    if path.exists():
+        raise DataError("output exists (refusing to overwrite)", path)
+    return tifffile.memmap(
+        path, shape=tuple(int(s) for s in shape), dtype=np.float32, bigtiff=True, photometric="minisblack"
+    )
+
+
+def device_tile(ndim: int, divisor: int, halo: int, device: torch.device | str) -> tuple[int, ...]:
+    """A tile size for ``device``: :data:`DEVICE_TILES` (what each tile keeps) grown by the
+    halo on both sides and rounded up to ``divisor``. Large tiles waste little compute on
+    overlaps; memory stays bounded (a tile at a time, see :func:`predict_array`)."""
+    kind = torch.device(device).type
+    base = DEVICE_TILES.get((kind, ndim))
+    if base is None:
+        return default_tile(ndim, divisor, halo)
+    return tuple(round_up(t + 2 * halo, divisor) for t in base)
+
+
 def choose_tile(
-    tile: Sequence[int] | str | None, spatial: Sequence[int], divisor: int, halo: int = 0
+    tile: Sequence[int] | str | None,
+    spatial: Sequence[int],
+    divisor: int,
+    halo: int = 0,
+    device: torch.device | str | None = None,
 ) -> tuple[int, ...] | None:
-    """Resolve the ``tile`` argument of :func:`predict_image` (None, "auto" or sizes)."""
+    """Resolve the ``tile`` argument of :func:`predict_image` (None, "auto" or sizes).
+
+    ``"auto"`` (and ``None`` for images above :data:`WHOLE_IMAGE_PIXEL_LIMIT`) gives
+    :func:`device_tile` when the ``device`` is known, else :func:`default_tile`.
+    """
+    def automatic() -> tuple[int, ...]:
+        if device is None:
+            return default_tile(len(spatial), divisor, halo)
+        return device_tile(len(spatial), divisor, halo, device)
+
     if isinstance(tile, str):
         if tile != "auto":
             raise ConfigError(f"tile must be 'auto' or a list of sizes, got {tile!r}")
-        return default_tile(len(spatial), divisor, halo)
+        return automatic()
     if tile is None:
         small = math.prod(spatial) <= WHOLE_IMAGE_PIXEL_LIMIT
-        return None if small else default_tile(len(spatial), divisor, halo)
+        return None if small else automatic()
     return tuple(int(t) for t in tile)
 
 
@@ -246,38 +453,52 @@ def predict_image(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    out: np.ndarray | None = None,
 ) -> Prediction:
     """Denoise and segment one raw ``(C, *spatial)`` image with a loaded model.
 
     ``tile``: ``None`` runs small images (up to 1024x1024 pixels) whole and tiles larger
-    ones with :func:`default_tile` (grown to suit the halo); ``"auto"`` always uses it; a sequence
-    gives the tile size. ``device=None`` runs where the model currently is (so a training
-    loop can call this for validation); the network's train/eval mode is restored after.
+    ones with tiles sized to the device (:func:`device_tile`); ``"auto"`` always tiles so;
+    a sequence gives the tile size. ``device=None`` runs where the model currently is (so
+    a training loop can call this for validation); the network's train/eval mode is
+    restored after. ``precision``: ``fp32``, ``bf16`` or ``auto`` (bf16 where the hardware
+    has it natively). The image may be any numeric type (e.g. uint16): it is normalised
+    tile by tile, so no full-size float copy is made. ``out``: an optional ``(C + K,
+    *spatial)`` float32 array (e.g. :func:`tiff_memmap`) receiving denoised channels then
+    probabilities; the returned arrays are views of it.
     """
-    image = np.asarray(image, dtype=np.float32)
+    image = np.asarray(image)
+    if image.dtype.kind not in "uifb":
+        raise DataError(f"unsupported pixel type {image.dtype}")
     if image.ndim != model.ndim + 1 or image.shape[0] != model.in_channels:
         raise DataError(
             f"image of shape {image.shape} does not match the model "
             f"({model.in_channels} channel(s), {model.ndim}-D)"
         )
+    if image.dtype.kind == "b":
+        image = image.astype(np.float32)
     extra = (1,) * model.ndim
     mean = np.asarray(model.normalization.mean, dtype=np.float32).reshape(-1, *extra)
     std = np.asarray(model.normalization.std, dtype=np.float32).reshape(-1, *extra)
     divisor, halo = model.built.size_divisor, model.built.halo
-    chosen_tile = choose_tile(tile, image.shape[1:], divisor, halo)
+    target = resolve_device(device)
+    where = target if target is not None else next(model.built.net.parameters()).device
+    chosen_tile = choose_tile(tile, image.shape[1:], divisor, halo, device=where)
 
     was_training = model.built.net.training
     try:
         output = predict_array(
             model.inference_net(),  # sets eval mode
-            (image - mean) / std,
+            image,
             divisor=divisor,
             halo=halo,
             tile=chosen_tile,
             batch_size=batch_size,
-            device=device,
+            device=target,
             precision=precision,
             out_channels=model.in_channels + model.built.head.num_classes,
+            normalization=(mean, std),
+            out=out,
         )
     finally:
         model.built.net.train(was_training)

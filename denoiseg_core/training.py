@@ -6,6 +6,14 @@ and minimise ``alpha * N2V masked MSE + (1 - alpha) * class-weighted cross-entro
 log and the curves PNG, ``last.pt`` (with everything needed to resume) and ``best.pt``.
 After the last epoch the foreground threshold is tuned on the validation images and
 stored in both checkpoints.
+
+Speed (see ``benchmarks/throughput.py``): 2D networks train in channels_last layout;
+``training.precision: auto`` uses bf16 autocast (float32 master weights and losses) where
+the hardware has native bf16 (CUDA, AMX or AVX512-BF16 CPUs); losses are accumulated on
+the device (no host sync per step); ``training.num_workers > 0`` samples patches in
+DataLoader worker processes (pinned memory on CUDA); ``training.compile`` wraps the
+network in ``torch.compile``; under ``torchrun`` the run is data-parallel (DDP, see
+:mod:`denoiseg_core.distributed`).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import io as _io
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from denoiseg_core import distributed
 from denoiseg_core.checkpoint import (
     Normalization,
     load_checkpoint,
@@ -30,14 +39,25 @@ from denoiseg_core.checkpoint import (
     save_checkpoint,
 )
 from denoiseg_core.config import DenoiSegConfig, save_config, validate_components
-from denoiseg_core.data import ImageRecord, PatchSampler, compute_normalization, load_training_data
+from denoiseg_core.data import (
+    ImageRecord,
+    PatchSampler,
+    PatchStream,
+    compute_normalization,
+    load_training_data,
+)
 from denoiseg_core.errors import ConfigError, DenoiSegError
 from denoiseg_core.io import atomic_write_bytes, atomic_write_text
 from denoiseg_core.losses import denoiseg_loss
 from denoiseg_core.metrics import average_precision
 from denoiseg_core.model import BuiltModel, InferenceNet, build_model
 from denoiseg_core.plugin_manager import get_registry, plugin_versions
-from denoiseg_core.prediction import choose_tile, predict_array
+from denoiseg_core.prediction import (
+    choose_tile,
+    predict_array,
+    preferred_memory_format,
+    resolve_precision,
+)
 
 LOG_COLUMNS = (
     "epoch",
@@ -52,6 +72,10 @@ LOG_COLUMNS = (
     "seconds",
 )
 VALIDATION_PATCH_BATCHES = 4
+#: torch.compile backend used by ``training.compile`` (tests may pick a cheaper one)
+COMPILE_BACKEND = "inductor"
+#: seconds between live-loss updates of the progress bar (each one waits for the device)
+PROGRESS_INTERVAL = 1.0
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -65,13 +89,6 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"training.device is {spec!r} but CUDA is not available on this machine")
     return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on CUDA (with fp32 master weights), fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
 
 
 def autocast(device: torch.device, precision: str):
@@ -112,15 +129,26 @@ class Trainer:
         init_from: Path | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        records: tuple[list[ImageRecord], list[ImageRecord]] | None = None,
     ):
+        """``records``: ``(train, validation)`` image records built in memory (e.g. by a
+        benchmark); when given, ``config.data`` is not read for data (patch size etc. still are)."""
         self.config = config
-        self.progress = progress
-        self.log = log
         self.run_dir = Path(config.run_dir)
         self.registry = get_registry()
         validate_components(config, self.registry)  # fail on unknown names/params before loading any data
         self.device = resolve_device(config.training.device)
+        # Under torchrun: one process per GPU (cuda:LOCAL_RANK) or several CPU processes.
+        self.dist = distributed.setup(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.is_main = self.dist.is_main
+        self.progress = progress and self.is_main
+        self.log = log if self.is_main else (lambda _message: None)
+        self.batch_size = distributed.per_rank_batch(config.training.batch_size, self.dist.world_size)
         self.precision = resolve_precision(config.training.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels once
 
         last = self.run_dir / "last.pt"
         if resume:
@@ -133,7 +161,10 @@ class Trainer:
             )
 
         seed_everything(config.seed)
-        self.train_records, self.val_records = load_training_data(config.data, seed=config.seed)
+        if records is None:
+            self.train_records, self.val_records = load_training_data(config.data, seed=config.seed)
+        else:
+            self.train_records, self.val_records = list(records[0]), list(records[1])
         first = self.train_records[0]
         self.ndim, self.in_channels = first.ndim, first.image.shape[0]
         self.config.plugins = plugin_versions(
@@ -152,8 +183,12 @@ class Trainer:
         if any(s % divisor for s in config.data.patch_size):
             raise ConfigError(f"data.patch_size {config.data.patch_size} must be a multiple of {divisor} for this backbone")
 
-        self.net = self.built.net.to(self.device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.training.learning_rate)
+        self.memory_format = preferred_memory_format(self.ndim, self.device)
+        self.net = self.built.net.to(self.device, memory_format=self.memory_format)
+        # fused Adam: one kernel for all parameters on the GPU
+        self.optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=config.training.learning_rate, fused=self.device.type == "cuda" or None
+        )
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=config.training.lr_factor, patience=config.training.lr_patience
         )
@@ -175,8 +210,9 @@ class Trainer:
             augment=False,
             seed=config.seed + 1,
         )
-        self.rng = np.random.default_rng(config.seed)
-        self.mask_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # Rank 0 draws exactly what a single process would; other ranks get their own streams.
+        self.rng = np.random.default_rng(self._rank_seed())
+        self.mask_generator = torch.Generator(device=self.device).manual_seed(self._rank_seed(torch_seed=True))
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.best_value: float | None = None
@@ -184,11 +220,43 @@ class Trainer:
 
         if resume:
             self._load_training_state(last)
-        else:
+        elif self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml")
+        if self.is_main:
+            save_config(self.config, self.run_dir / "config.yaml")
+        self.train_net: torch.nn.Module = self.net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP broadcasts rank 0's weights now and averages gradients in every backward.
+            self.train_net = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self._train_forward: Callable[[torch.Tensor], torch.Tensor] = self.train_net
+        self._compile_pending = False
+        if config.training.compile:
+            self._set_up_compile()
 
     # ------------------------------------------------------------------ set-up helpers
+    def _rank_seed(self, torch_seed: bool = False, epoch: int | None = None):
+        """The seed of this rank's patch (or mask) stream; rank 0 of a fresh run uses the
+        config seed itself, so one process and rank 0 of many draw the same patches."""
+        seed = self.config.seed
+        if self.dist.rank == 0 and epoch is None:
+            return seed
+        if torch_seed:
+            return int(np.random.default_rng([seed, self.dist.rank, epoch or 0, 1]).integers(2**62))
+        return [seed, self.dist.rank, epoch or 0]
+
+    def _set_up_compile(self) -> None:
+        """``torch.compile`` the training forward; fall back to eager with a warning when
+        compilation is unavailable (no compiler, unsupported platform) here or at the first step."""
+        try:
+            self._train_forward = torch.compile(self.train_net, backend=COMPILE_BACKEND)
+            self._compile_pending = True
+        except Exception as exc:  # noqa: BLE001 (torch.compile raises many kinds of errors; any means: no compile)
+            self.log(f"warning: torch.compile is unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); training without it")
+
     def _init_weights(self, source: Path) -> None:
         """Start from the weights (and normalisation) of a checkpoint or a denoiseg bioimage.io package."""
         if source.suffix == ".zip":
@@ -246,11 +314,15 @@ class Trainer:
         self.scheduler.load_state_dict(ts["scheduler"])
         self.history = list(ts["history"])
         self.best_value = ts["best_value"]
-        self.rng.bit_generator.state = ts["numpy_rng"]
-        self.mask_generator.set_state(ts["mask_generator"])
+        self.epoch = int(state["epoch"])
+        if self.dist.rank == 0:
+            self.rng.bit_generator.state = ts["numpy_rng"]
+            self.mask_generator.set_state(ts["mask_generator"])
+        else:  # last.pt holds rank 0's streams; the others start fresh ones for this epoch
+            self.rng = np.random.default_rng(self._rank_seed(epoch=self.epoch))
+            self.mask_generator.manual_seed(self._rank_seed(torch_seed=True, epoch=self.epoch))
         torch.set_rng_state(ts["torch_rng"])
         random.setstate(ts["python_rng"])
-        self.epoch = int(state["epoch"])
         self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
 
     def _save(self, name: str, threshold: float | None = None, extra: dict | None = None) -> Path:
@@ -269,31 +341,73 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _to_device(self, batch):
-        patches, targets, labelled = batch
-        non_blocking = self.device.type == "cuda"
-        return (
-            torch.from_numpy(patches).to(self.device, non_blocking=non_blocking),
-            torch.from_numpy(targets).to(self.device, non_blocking=non_blocking),
-            torch.from_numpy(labelled).to(self.device, non_blocking=non_blocking),
-        )
+        """numpy arrays (or tensors from a DataLoader) -> tensors on the device; copies from
+        pinned memory on CUDA so they overlap with compute."""
+        cuda = self.device.type == "cuda"
+        out = []
+        for array in batch:
+            tensor = torch.as_tensor(array)
+            if cuda and not tensor.is_pinned():
+                tensor = tensor.pin_memory()
+            out.append(tensor.to(self.device, non_blocking=cuda))
+        return tuple(out)
 
-    def _losses(self, patches, targets, labelled, generator):
+    def _losses(self, patches, targets, labelled, generator, forward=None):
         masked, loss_mask = self.built.masking(patches, generator)
+        masked = masked.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.precision):
-            output = self.net(masked)
+            output = self._forward(forward if forward is not None else self.net, masked)
         denoised, logits = self.net.split(output.float())
         return denoiseg_loss(
             denoised, patches, loss_mask, logits, targets, labelled, self.built.head, self.config.training.alpha
         )
 
-    def train_step(self, batch) -> tuple[float, float, float]:
+    def _forward(self, forward, inputs: torch.Tensor) -> torch.Tensor:
+        if not (self._compile_pending and forward is self._train_forward):
+            return forward(inputs)
+        try:  # torch.compile compiles lazily: the first call is where it can fail
+            output = forward(inputs)
+        except Exception as exc:  # noqa: BLE001 (any compiler failure means: train without it)
+            self.log(f"warning: torch.compile failed ({type(exc).__name__}); training without it")
+            self._train_forward = self.train_net
+            output = self.train_net(inputs)
+        self._compile_pending = False
+        return output
+
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step; returns the detached loss terms as device tensors
+        (``total, denoise, seg``), so the caller decides when to wait for them."""
         self.net.train()
         patches, targets, labelled = self._to_device(batch)
-        total, denoise, seg = self._losses(patches, targets, labelled, self.mask_generator)
+        total, denoise, seg = self._losses(patches, targets, labelled, self.mask_generator, self._train_forward)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         return total.detach(), denoise.detach(), seg.detach()
+
+    def batches(self) -> Iterator[tuple]:
+        """Endless training batches of this rank's size.
+
+        ``num_workers == 0``: sampled here from :attr:`rng` (a seeded run is repeatable and
+        resumes exactly). Otherwise worker processes sample them (:class:`PatchStream`,
+        seeded by config seed, rank, worker and the epoch the loader started at; pinned
+        memory on CUDA), overlapping data preparation with the training step.
+        """
+        workers = self.config.training.num_workers
+        if workers == 0:
+            while True:
+                yield self.sampler.sample(self.batch_size, self.rng)
+        from torch.utils.data import DataLoader
+
+        stream = PatchStream(self.sampler, self.batch_size, seed=[self.config.seed, self.dist.rank, self.epoch])
+        loader = DataLoader(
+            stream,
+            batch_size=None,  # the stream yields whole batches
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4,
+        )
+        yield from loader
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -338,50 +452,70 @@ class Trainer:
     def fit(self) -> TrainingRun:
         cfg = self.config.training
         self.log(
-            f"training on {self.device} ({self.precision}): {len(self.train_records)} images "
+            f"training on {self.device} ({self.precision}"
+            + (f", {self.dist.world_size} processes, {self.batch_size} patches each" if self.dist.enabled else "")
+            + f"): {len(self.train_records)} images "
             f"({self.sampler.labelled_count} labelled), {len(self.val_records)} validation images, "
             f"{self.net.__class__.__name__} with {sum(p.numel() for p in self.net.parameters()):,} parameters"
         )
         with _progress(self.progress) as progress:
             task = progress.add_task("training", total=cfg.epochs * cfg.steps_per_epoch, completed=self.epoch * cfg.steps_per_epoch)
-            while self.epoch < cfg.epochs:
-                started = time.perf_counter()
-                sums = torch.zeros(3)
-                for step in range(cfg.steps_per_epoch):
-                    batch = self.sampler.sample(cfg.batch_size, self.rng)
-                    losses = self.train_step(batch)
-                    sums += torch.stack([x.float().cpu() for x in losses])
-                    if step % 5 == 0 or step == cfg.steps_per_epoch - 1:
-                        avg = sums / (step + 1)
-                        progress.update(
-                            task,
-                            description=f"epoch {self.epoch + 1}/{cfg.epochs} loss {avg[0]:.4f} (dn {avg[1]:.4f}, seg {avg[2]:.4f})",
-                        )
-                    progress.advance(task)
-                train = (sums / cfg.steps_per_epoch).tolist()
-                self.epoch += 1
-                values = {
-                    "epoch": self.epoch,
-                    "train_loss": train[0],
-                    "train_denoise": train[1],
-                    "train_seg": train[2],
-                    **self.validate(),
-                    "learning_rate": self.optimizer.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - started,
-                }
-                self.history.append(values)
-                self.scheduler.step(values["val_loss"])
-                improved = self._is_improvement(values)
-                self._save("last.pt")
-                if improved:
-                    self._save("best.pt")
-                self._write_log()
-                progress.console.print(
-                    f"epoch {self.epoch:>3}: train {values['train_loss']:.4f}  val {values['val_loss']:.4f}"
-                    f"  val AP@0.5 {values['val_ap50']:.3f}  lr {values['learning_rate']:.2e}"
-                    + ("  (best)" if improved else "")
+            batches = self.batches()
+            try:
+                while self.epoch < cfg.epochs:
+                    self._run_epoch(batches, progress, task)
+            finally:
+                batches.close()  # stops DataLoader workers
+        try:
+            return self._finish()
+        finally:
+            distributed.teardown(self.dist)
+
+    def _run_epoch(self, batches: Iterator[tuple], progress, task) -> None:
+        cfg = self.config.training
+        started = last_update = time.perf_counter()
+        sums = torch.zeros(3, device=self.device)  # summed on the device: no host sync per step
+        for step in range(cfg.steps_per_epoch):
+            sums += torch.stack(self.train_step(next(batches))).float()
+            now = time.perf_counter()
+            if self.progress and (now - last_update >= PROGRESS_INTERVAL or step == cfg.steps_per_epoch - 1):
+                last_update = now
+                avg = (sums / (step + 1)).tolist()
+                progress.update(
+                    task,
+                    description=f"epoch {self.epoch + 1}/{cfg.epochs} loss {avg[0]:.4f} (dn {avg[1]:.4f}, seg {avg[2]:.4f})",
                 )
-        return self._finish()
+            progress.advance(task)
+        train = (distributed.all_reduce_mean(sums, self.dist) / cfg.steps_per_epoch).tolist()
+        self.epoch += 1
+        validation = self.validate() if self.is_main else {}
+        # The LR scheduler must see the same validation loss on every rank.
+        val_keys = ("val_loss", "val_denoise", "val_seg", "val_ap50")
+        shared = distributed.broadcast_values([validation.get(k, 0.0) for k in val_keys], self.dist, self.device)
+        validation = dict(zip(val_keys, shared))
+        values = {
+            "epoch": self.epoch,
+            "train_loss": train[0],
+            "train_denoise": train[1],
+            "train_seg": train[2],
+            **validation,
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+        }
+        self.history.append(values)
+        self.scheduler.step(values["val_loss"])
+        improved = self._is_improvement(values)
+        if not self.is_main:
+            return
+        self._save("last.pt")
+        if improved:
+            self._save("best.pt")
+        self._write_log()
+        progress.console.print(
+            f"epoch {self.epoch:>3}: train {values['train_loss']:.4f}  val {values['val_loss']:.4f}"
+            f"  val AP@0.5 {values['val_ap50']:.3f}  lr {values['learning_rate']:.2e}"
+            + ("  (best)" if improved else "")
+        )
 
     def _is_improvement(self, values: dict[str, float]) -> bool:
         metric = self.config.training.best_metric
@@ -395,6 +529,8 @@ class Trainer:
 
     def _finish(self) -> TrainingRun:
         best_path = self.run_dir / "best.pt"
+        if not self.is_main:  # rank 0 tunes the threshold and writes the final checkpoints
+            return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, None, {})
         if not best_path.exists():  # e.g. resumed a finished run
             self._save("best.pt")
         best_state = read_checkpoint_state(best_path)
@@ -494,7 +630,14 @@ class _NullProgress:
 def _progress(enabled: bool):
     if not enabled:
         return _NullProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("{task.description}"),
@@ -512,9 +655,13 @@ def train(
     init_from: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    records: tuple[list[ImageRecord], list[ImageRecord]] | None = None,
 ) -> TrainingRun:
-    """Train (or resume) the run described by ``config``; returns where the checkpoints are."""
-    return Trainer(config, resume=resume, init_from=init_from, progress=progress, log=log).fit()
+    """Train (or resume) the run described by ``config``; returns where the checkpoints are.
+
+    ``records``: optional in-memory ``(train, validation)`` records instead of ``config.data``'s files.
+    """
+    return Trainer(config, resume=resume, init_from=init_from, progress=progress, log=log, records=records).fit()
 
 
 def resume_config(run_dir: Path) -> DenoiSegConfig:
@@ -525,4 +672,4 @@ def resume_config(run_dir: Path) -> DenoiSegConfig:
     return config
 
 
-__all__ = ["Trainer", "TrainingRun", "train", "resume_config", "resolve_device", "resolve_precision", "load_checkpoint"]
+__all__ = ["Trainer", "TrainingRun", "load_checkpoint", "resolve_device", "resolve_precision", "resume_config", "train"]
