@@ -193,7 +193,9 @@ def predict_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="tiles per forward pass")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (faster on recent GPUs)")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast where the device has fast bf16, else fp32), fp32 or bf16")
+    ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace existing output files")] = False,
 ) -> None:
     """Denoise and segment images: writes NAME_denoised.tif and NAME_labels.tif for each input."""
@@ -202,8 +204,8 @@ def predict_command(
     from denoiseg_core.io import write_tiff
     from denoiseg_core.prediction import predict_image, resolve_device, segment
 
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision {precision!r}: use fp32 or bf16")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision {precision!r}: use auto, fp32 or bf16")
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")
     model = load_model(checkpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,6 +44,8 @@ def train_command(
             raise DenoiSegError("missing CONFIG (a YAML file) or --resume RUN")
         cfg = load_config(config, list(set_ or []))
     result = train(cfg, resume=resume is not None, init_from=init_from, progress=progress, log=typer.echo)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     typer.echo(f"best checkpoint: {result.best_checkpoint}")
     typer.echo(f"last checkpoint: {result.last_checkpoint}")
     if result.threshold is not None:
