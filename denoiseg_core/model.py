@@ -47,7 +47,8 @@ class InferenceNet(nn.Module):
         self.activation = head.activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
+        # float32 before the activation: under bf16 autocast probabilities must still sum to 1.
+        out = self.net(x).float()
         denoised = out[:, : self.in_channels]
         probs = self.activation(out[:, self.in_channels :])
         return torch.cat([denoised, probs], dim=1)

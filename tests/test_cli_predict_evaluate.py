@@ -123,7 +123,7 @@ def test_predict_writes_outputs_matching_predict_image(workspace, tmp_path):
         assert probabilities.shape == (3, *shape) and probabilities.dtype == np.float32
         np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-4)
         source = workspace["single"] if name == "single" else workspace["images"] / f"{name}.tif"
-        expected = predict_image(model, tifffile.imread(source).astype(np.float32)[None])
+        expected = predict_image(model, tifffile.imread(source).astype(np.float32)[None], precision="auto")  # as the CLI default
         np.testing.assert_allclose(denoised, expected.denoised[0], rtol=1e-5, atol=1e-3)
         np.testing.assert_array_equal(labels, segment(model, expected))  # tuned threshold 0.4
     assert "img0.tif" in result.output and "single.tif" in result.output  # summary table
@@ -136,7 +136,7 @@ def test_predict_threshold_option_overrides_tuned_threshold(workspace, tmp_path)
         result = invoke("predict", workspace["checkpoint"], workspace["single"], "-o", folder, "--threshold", threshold)
         assert result.exit_code == 0, result.output
     model = load_checkpoint(workspace["checkpoint"])
-    prediction = predict_image(model, tifffile.imread(workspace["single"]).astype(np.float32)[None])
+    prediction = predict_image(model, tifffile.imread(workspace["single"]).astype(np.float32)[None], precision="auto")
     for folder, threshold in ((low, 0.2), (high, 0.6)):
         labels = tifffile.imread(folder / "single_labels.tif")
         np.testing.assert_array_equal(labels, segment(model, prediction, threshold))
