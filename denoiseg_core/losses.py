@@ -7,7 +7,10 @@ labelled ones, as the head decides.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 
 from denoiseg_core.components import SegmentationHead
 
@@ -22,6 +25,27 @@ def n2v_masked_mse(prediction: torch.Tensor, target: torch.Tensor, loss_mask: to
     mask = loss_mask.to(dtype=torch.float32)
     squared = (prediction.float() - target.float()) ** 2
     return (squared * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def labelled_weighted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor, class_weights: Sequence[float]
+) -> torch.Tensor:
+    """Class-weighted cross-entropy, the mean over all pixels of the labelled patches.
+
+    Each pixel's term is ``weight[target] * -log p(target)``, averaged over pixels (not
+    normalised by the weights, so e.g. a border weight of 5 raises the loss as in DenoiSeg).
+    Unlabelled patches are weighted out rather than indexed away, so there is no
+    device-to-host sync; with none labelled the result is a zero that is still in the graph.
+    Heads with a softmax over classes use this for their loss term.
+    """
+    weight = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
+    targets = targets.to(logits.device).long()
+    keep = labelled.to(device=logits.device, dtype=torch.bool).view(-1, *([1] * (targets.ndim - 1))).expand_as(targets)
+    # Targets of unlabelled patches are never looked at (they may hold anything).
+    safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
+    per_pixel = F.cross_entropy(logits.float(), safe_targets, weight=weight, reduction="none")
+    keep = keep.to(per_pixel.dtype)
+    return (per_pixel * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 def denoiseg_loss(

@@ -56,6 +56,7 @@ from denoiseg_core.prediction import (
     choose_tile,
     predict_array,
     preferred_memory_format,
+    resolve_device,
     resolve_precision,
 )
 
@@ -76,19 +77,6 @@ VALIDATION_PATCH_BATCHES = 4
 COMPILE_BACKEND = "inductor"
 #: seconds between live-loss updates of the progress bar (each one waits for the device)
 PROGRESS_INTERVAL = 1.0
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; anything else is passed to torch."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"training.device: unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training.device is {spec!r} but CUDA is not available on this machine")
-    return device
 
 
 def autocast(device: torch.device, precision: str):
@@ -137,7 +125,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.registry = get_registry()
         validate_components(config, self.registry)  # fail on unknown names/params before loading any data
-        self.device = resolve_device(config.training.device)
+        self.device = resolve_device(config.training.device)  # 'auto': CUDA if available, else CPU
         # Under torchrun: one process per GPU (cuda:LOCAL_RANK) or several CPU processes.
         self.dist = distributed.setup(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":

@@ -9,7 +9,7 @@ from torch import nn
 from denoiseg_core.components import ArchitectureSource, BackboneSpec
 from denoiseg_core.hookspecs import hookimpl
 from denoiseg_plugins import n2v2_unet_arch
-from denoiseg_plugins.unet import UNetParams
+from denoiseg_plugins.unet import UNetParams, unet_architecture_kwargs
 from denoiseg_plugins.unet_arch import unet_halo
 
 
@@ -17,21 +17,9 @@ class N2V2UNetParams(UNetParams):
     """Parameters of the ``n2v2_unet`` backbone (the same as the ``unet``'s)."""
 
 
-def _architecture_kwargs(params: N2V2UNetParams, ndim: int, in_channels: int, out_channels: int) -> dict:
-    return {
-        "ndim": ndim,
-        "in_channels": in_channels,
-        "out_channels": out_channels,
-        "depth": params.depth,
-        "first_filters": params.first_filters,
-        "kernel_size": params.kernel_size,
-        "batch_norm": params.batch_norm,
-    }
-
-
 def build_n2v2_unet(params: N2V2UNetParams, *, ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     """The N2V2 U-Net for ``ndim``-D images with the given channel counts."""
-    return n2v2_unet_arch.N2V2UNet(**_architecture_kwargs(params, ndim, in_channels, out_channels))
+    return n2v2_unet_arch.N2V2UNet(**unet_architecture_kwargs(params, ndim, in_channels, out_channels))
 
 
 def n2v2_unet_halo(params: N2V2UNetParams) -> int:
@@ -56,7 +44,7 @@ def denoiseg_register_backbones() -> list[BackboneSpec]:
             architecture=ArchitectureSource(
                 file=Path(n2v2_unet_arch.__file__),
                 callable_name="N2V2UNet",
-                kwargs=_architecture_kwargs,
+                kwargs=unet_architecture_kwargs,
             ),
         )
     ]

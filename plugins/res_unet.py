@@ -9,7 +9,7 @@ from torch import nn
 from denoiseg_core.components import ArchitectureSource, BackboneSpec
 from denoiseg_core.hookspecs import hookimpl
 from denoiseg_plugins import res_unet_arch
-from denoiseg_plugins.unet import UNetParams
+from denoiseg_plugins.unet import UNetParams, unet_architecture_kwargs
 from denoiseg_plugins.unet_arch import unet_halo
 
 
@@ -17,21 +17,9 @@ class ResUNetParams(UNetParams):
     """Parameters of the ``res_unet`` backbone (the same as the ``unet``'s)."""
 
 
-def _architecture_kwargs(params: ResUNetParams, ndim: int, in_channels: int, out_channels: int) -> dict:
-    return {
-        "ndim": ndim,
-        "in_channels": in_channels,
-        "out_channels": out_channels,
-        "depth": params.depth,
-        "first_filters": params.first_filters,
-        "kernel_size": params.kernel_size,
-        "batch_norm": params.batch_norm,
-    }
-
-
 def build_res_unet(params: ResUNetParams, *, ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     """The residual U-Net for ``ndim``-D images with the given channel counts."""
-    return res_unet_arch.ResUNet(**_architecture_kwargs(params, ndim, in_channels, out_channels))
+    return res_unet_arch.ResUNet(**unet_architecture_kwargs(params, ndim, in_channels, out_channels))
 
 
 @hookimpl
@@ -48,7 +36,7 @@ def denoiseg_register_backbones() -> list[BackboneSpec]:
             architecture=ArchitectureSource(
                 file=Path(res_unet_arch.__file__),
                 callable_name="ResUNet",
-                kwargs=_architecture_kwargs,
+                kwargs=unet_architecture_kwargs,
             ),
         )
     ]

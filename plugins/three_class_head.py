@@ -12,7 +12,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from scipy import ndimage
 from skimage.segmentation import expand_labels, find_boundaries, relabel_sequential
@@ -20,6 +19,7 @@ from torch import nn
 
 from denoiseg_core.components import ComponentParams, HeadSpec
 from denoiseg_core.hookspecs import hookimpl
+from denoiseg_core.losses import labelled_weighted_cross_entropy
 
 BACKGROUND, FOREGROUND, BORDER = 0, 1, 2
 
@@ -59,19 +59,8 @@ class ThreeClassHead:
         return out
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-        """Class-weighted cross-entropy, the mean over all pixels of labelled patches.
-
-        Each pixel's term is ``weight[target] * -log p(target)``, averaged over pixels (not
-        normalised by the weights, so the border weight raises the loss as in DenoiSeg).
-        """
-        labelled = labelled.to(device=logits.device, dtype=torch.bool)
-        if not bool(labelled.any()):
-            return logits.sum() * 0.0  # zero, but still part of the graph
-        weight = torch.tensor(self.params.class_weights, dtype=torch.float32, device=logits.device)
-        per_pixel = F.cross_entropy(
-            logits[labelled].float(), targets.to(logits.device)[labelled].long(), weight=weight, reduction="none"
-        )
-        return per_pixel.mean()
+        """Class-weighted cross-entropy, the mean over all pixels of labelled patches."""
+        return labelled_weighted_cross_entropy(logits, targets, labelled, self.params.class_weights)
 
     def activation(self) -> nn.Module:
         return nn.Softmax(dim=1)

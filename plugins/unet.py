@@ -28,7 +28,9 @@ class UNetParams(ComponentParams):
         return value
 
 
-def _architecture_kwargs(params: UNetParams, ndim: int, in_channels: int, out_channels: int) -> dict:
+def unet_architecture_kwargs(params: UNetParams, ndim: int, in_channels: int, out_channels: int) -> dict:
+    """Constructor arguments of the U-Net family's architecture classes (shared with
+    ``n2v2_unet`` and ``res_unet``, which take the same parameters)."""
     return {
         "ndim": ndim,
         "in_channels": in_channels,
@@ -42,7 +44,7 @@ def _architecture_kwargs(params: UNetParams, ndim: int, in_channels: int, out_ch
 
 def build_unet(params: UNetParams, *, ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     """The U-Net for ``ndim``-D images with the given channel counts."""
-    return unet_arch.UNet(**_architecture_kwargs(params, ndim, in_channels, out_channels))
+    return unet_arch.UNet(**unet_architecture_kwargs(params, ndim, in_channels, out_channels))
 
 
 @hookimpl
@@ -58,7 +60,7 @@ def denoiseg_register_backbones() -> list[BackboneSpec]:
             architecture=ArchitectureSource(
                 file=Path(unet_arch.__file__),
                 callable_name="UNet",
-                kwargs=_architecture_kwargs,
+                kwargs=unet_architecture_kwargs,
             ),
         )
     ]
