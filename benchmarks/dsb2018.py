@@ -1,0 +1,748 @@
+"""DenoiSeg few-shot benchmark on the real DSB2018 fluorescence nuclei (Buchholz et al. 2020 protocol).
+
+Protocol
+--------
+* The 494 images are split once, with a fixed seed, into train / validation / test images; the split
+  is committed in ``benchmarks/dsb2018_split.json`` and the script refuses to run when the data on disk
+  and that file disagree (``--write-split`` creates it for a new data set).
+* Pixel-wise Gaussian noise of standard deviation ``--noise`` (0, 10, 20 on the 0..255 scale) is added to
+  every image; the noise of an image depends only on ``--data-seed``, the sigma and the image id, so every
+  method and training seed sees the same noisy data.
+* Training data: all non-overlapping 128x128 crops of the training images. Labels are kept for ``N``
+  crops (``--labelled``; chosen with the run seed, the same crops for every method), the others are
+  unlabelled. Validation: the (labelled) 128x128 crops of the validation images. Test: the full test
+  images with the same kind of noise.
+* Methods, at equal budget (same network, steps, batch): ``denoiseg`` (alpha 0.5, all crops),
+  ``baseline`` (alpha 0, segmentation only, trained on the N labelled crops only) and ``n2v`` (alpha 1,
+  pure Noise2Void, for the denoising comparison); diagnostic ``baseline_mixed``: alpha 0 on all crops
+  sampled like DenoiSeg (as many labelled patches per step as DenoiSeg, a quarter of ``baseline``'s).
+* Figures on the test images: AP@0.5 (TP/(TP+FP+FN)), mean AP over IoU 0.5:0.95, SEG (CTC) and the PSNR
+  of the denoised output against the noise-free image (per-image range, mean over images).
+
+Usage::
+
+    python benchmarks/dsb2018.py run --budget cpu --noise 20 --labelled 10 --methods denoiseg baseline
+    python benchmarks/dsb2018.py report          # table + plot from the JSON (``run`` does this too)
+
+Every run is appended to ``benchmarks/results/dsb2018_results.json`` with its exact command and machine;
+the Markdown table and the PNG plot are regenerated from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from denoiseg_core.checkpoint import load_checkpoint
+from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.data import ImageRecord
+from denoiseg_core.errors import DenoiSegError
+from denoiseg_core.io import atomic_write_bytes, atomic_write_text, read_image
+from denoiseg_core.metrics import evaluate_segmentation, psnr
+from denoiseg_core.prediction import predict_image, segment
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPOSITORY.parent / "shared" / "data" / "dsb2018"
+SPLIT_FILE = Path(__file__).resolve().with_name("dsb2018_split.json")
+RESULTS_DIR = Path(__file__).resolve().with_name("results")
+RESULTS_JSON = "dsb2018_results.json"
+RESULTS_TABLE = "dsb2018_results.md"
+RESULTS_PLOT = "dsb2018_ap_vs_labels.png"
+#: the README's results section; ``report`` refreshes the table between these markers
+README_SECTION = "README_SECTION.md"
+TABLE_START, TABLE_END = "<!-- dsb2018-table:start -->", "<!-- dsb2018-table:end -->"
+
+CROP_SIZE = 128
+SPLIT_SEED = 20180416
+SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
+
+
+class BenchmarkError(DenoiSegError):
+    """The data, the split file or the arguments do not fit the benchmark."""
+
+
+# --------------------------------------------------------------------------- budgets and methods
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Network and schedule of one training budget (identical for every method)."""
+
+    description: str
+    backbone: dict[str, Any]
+    patch_size: int
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    learning_rate: float
+    lr_patience: int
+    #: validation crops scored (AP) after each epoch; ``None``: all of them
+    validation_images: int | None
+    #: fraction of each batch drawn from labelled crops for denoiseg (``None``: uniform, the paper)
+    labelled_fraction: float | None
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+BUDGETS: dict[str, Budget] = {
+    "cpu": Budget(
+        description="U-Net depth 3, 16 first filters, batch 32, 64x64 patches, 30 epochs x 100 steps, Adam 4e-4 "
+        "halved after 4 epochs without improvement (12-20 min of training on 2 shared AMD EPYC cores)",
+        backbone={"depth": 3, "first_filters": 16},
+        patch_size=64,
+        batch_size=32,
+        epochs=30,
+        steps_per_epoch=100,
+        learning_rate=4e-4,
+        lr_patience=4,
+        validation_images=64,
+        labelled_fraction=0.25,
+    ),
+    "paper": Budget(
+        description="the paper's schedule (GPU): U-Net depth 4, 32 first filters, batch 128, 64x64 patches, "
+        "200 epochs x 400 steps, Adam 4e-4 halved after 10 epochs without improvement",
+        backbone={"depth": 4, "first_filters": 32},
+        patch_size=64,
+        batch_size=128,
+        epochs=200,
+        steps_per_epoch=400,
+        learning_rate=4e-4,
+        lr_patience=10,
+        validation_images=None,
+        labelled_fraction=0.25,
+    ),
+    "short": Budget(
+        description="exploration (about 5 min on 2 CPU cores): the cpu budget's network, 8 epochs x 100 steps",
+        backbone={"depth": 3, "first_filters": 16},
+        patch_size=64,
+        batch_size=32,
+        epochs=8,
+        steps_per_epoch=100,
+        learning_rate=4e-4,
+        lr_patience=2,
+        validation_images=64,
+        labelled_fraction=0.25,
+    ),
+    "tiny": Budget(
+        description="smoke test only (seconds): U-Net depth 2, 8 first filters, batch 4, 32x32 patches, 2 x 3 steps",
+        backbone={"depth": 2, "first_filters": 8},
+        patch_size=32,
+        batch_size=4,
+        epochs=2,
+        steps_per_epoch=3,
+        learning_rate=4e-4,
+        lr_patience=2,
+        validation_images=4,
+        labelled_fraction=0.25,
+    ),
+}
+
+#: method -> loss weight alpha of the denoising term. ``baseline_mixed`` is a diagnostic: alpha 0 on all
+#: crops sampled exactly like DenoiSeg, so it sees as many labelled patches per step as DenoiSeg does.
+METHOD_ALPHA = {"denoiseg": 0.5, "baseline": 0.0, "n2v": 1.0, "baseline_mixed": 0.0}
+#: methods whose batches mix labelled and unlabelled crops with ``labelled_fraction``
+MIXED_SAMPLING = ("denoiseg", "baseline_mixed")
+
+
+# --------------------------------------------------------------------------- data and split
+
+
+@dataclass
+class Sample:
+    """One DSB2018 image: raw (noise-free) intensities and instance labels."""
+
+    image_id: str
+    clean: np.ndarray  # float32 (Y, X), 0..255
+    labels: np.ndarray  # int32 (Y, X)
+
+
+def read_index(data_dir: Path) -> list[str]:
+    """The image ids listed in ``index.csv`` (sorted); every id needs an image and a mask."""
+    index = data_dir / "index.csv"
+    if not index.is_file():
+        raise BenchmarkError("index.csv not found (is this the DSB2018 folder? see --data)", index)
+    with index.open(newline="") as handle:
+        ids = sorted(row["image_id"] for row in csv.DictReader(handle))
+    if not ids:
+        raise BenchmarkError("no images listed", index)
+    for image_id in ids:
+        for kind in ("images", "masks"):
+            if not (data_dir / kind / f"{image_id}.tif").is_file():
+                raise BenchmarkError(f"{kind}/{image_id}.tif listed in index.csv is missing", data_dir)
+    return ids
+
+
+def make_split(ids: Sequence[str], seed: int = SPLIT_SEED, fractions: dict[str, float] = SPLIT_FRACTIONS) -> dict:
+    """A seeded train/val/test split of ``ids`` (each part sorted)."""
+    order = np.random.default_rng(seed).permutation(sorted(ids))
+    n_train = int(round(fractions["train"] * len(order)))
+    n_val = int(round(fractions["val"] * len(order)))
+    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    return {
+        "description": "fixed split of the DSB2018 fluorescence images into train / val / test "
+        "(see benchmarks/dsb2018.py)",
+        "seed": seed,
+        "fractions": fractions,
+        "n_images": len(order),
+        **{name: sorted(part.tolist()) for name, part in parts.items()},
+    }
+
+
+def load_split(path: Path, ids: Sequence[str]) -> dict[str, list[str]]:
+    """Read the committed split and check it covers exactly the images on disk."""
+    if not path.is_file():
+        raise BenchmarkError("split file not found (create it once with --write-split)", path)
+    try:
+        split = json.loads(path.read_text())
+        parts = {name: list(split[name]) for name in ("train", "val", "test")}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BenchmarkError(f"not a valid split file ({type(exc).__name__}: {exc})", path) from None
+    listed = [i for part in parts.values() for i in part]
+    if len(listed) != len(set(listed)):
+        raise BenchmarkError("an image id appears twice in the split", path)
+    if set(listed) != set(ids):
+        missing, extra = set(ids) - set(listed), set(listed) - set(ids)
+        raise BenchmarkError(
+            f"split disagrees with the data ({len(missing)} image(s) on disk not in the split, "
+            f"{len(extra)} in the split not on disk); the split must never change silently",
+            path,
+        )
+    return parts
+
+
+def load_samples(data_dir: Path, ids: Sequence[str]) -> list[Sample]:
+    samples = []
+    for image_id in ids:
+        image = read_image(data_dir / "images" / f"{image_id}.tif")
+        labels = read_image(data_dir / "masks" / f"{image_id}.tif")
+        if image.ndim != 2 or labels.shape != image.shape:
+            raise BenchmarkError(
+                f"expected a 2-D image and a mask of its shape, got {image.shape} and {labels.shape}",
+                data_dir / "images" / f"{image_id}.tif",
+            )
+        samples.append(Sample(image_id, image.astype(np.float32), labels.astype(np.int32)))
+    return samples
+
+
+def noisy_version(sample: Sample, sigma: float, data_seed: int) -> np.ndarray:
+    """The image plus Gaussian noise that depends only on (data seed, sigma, image id)."""
+    if sigma <= 0:
+        return sample.clean.copy()
+    rng = np.random.default_rng([data_seed, int(round(sigma * 1000)), zlib.crc32(sample.image_id.encode())])
+    return (sample.clean + rng.normal(0.0, sigma, size=sample.clean.shape)).astype(np.float32)
+
+
+def grid_crops(array: np.ndarray, size: int = CROP_SIZE) -> list[np.ndarray]:
+    """Non-overlapping ``size`` x ``size`` crops on a grid from the top-left corner (the rest is dropped)."""
+    rows, cols = array.shape[0] // size, array.shape[1] // size
+    return [array[r * size : (r + 1) * size, c * size : (c + 1) * size] for r in range(rows) for c in range(cols)]
+
+
+def crop_records(samples: Sequence[Sample], sigma: float, data_seed: int) -> list[ImageRecord]:
+    """Labelled 128x128 crop records (noisy image, clean image, labels) of ``samples``."""
+    records = []
+    for sample in samples:
+        noisy = noisy_version(sample, sigma, data_seed)
+        crops = zip(grid_crops(noisy), grid_crops(sample.clean), grid_crops(sample.labels))
+        for k, (img, clean, lab) in enumerate(crops):
+            records.append(
+                ImageRecord(
+                    image=np.ascontiguousarray(img[np.newaxis]),
+                    labels=np.ascontiguousarray(lab),
+                    path=Path(f"{sample.image_id}_crop{k}"),
+                    clean=np.ascontiguousarray(clean[np.newaxis]),
+                )
+            )
+    return records
+
+
+def few_shot(records: Sequence[ImageRecord], n_labelled: int, seed: int) -> tuple[list[ImageRecord], list[int]]:
+    """Keep labels for ``n_labelled`` crops (seeded choice); the others become unlabelled."""
+    if n_labelled > len(records):
+        raise BenchmarkError(f"--labelled {n_labelled} but there are only {len(records)} training crops")
+    keep = sorted(np.random.default_rng([seed, 2]).choice(len(records), size=n_labelled, replace=False).tolist())
+    chosen = set(keep)
+    out = [r if i in chosen else ImageRecord(r.image, None, r.path, r.clean) for i, r in enumerate(records)]
+    return out, keep
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunSpec:
+    budget: str
+    method: str
+    noise: float
+    n_labelled: int
+    seed: int
+    labelled_fraction: float | None
+    learning_rate: float
+    best_metric: str
+    precision: str = "auto"
+
+    def key(self) -> str:
+        fraction = "uniform" if self.labelled_fraction is None else f"{self.labelled_fraction:g}"
+        return (
+            f"{self.budget}/n{self.noise:g}/N{self.n_labelled}/{self.method}/lf{fraction}/lr{self.learning_rate:g}"
+            f"/{self.best_metric}/seed{self.seed}"
+        )
+
+
+@dataclass
+class Prepared:
+    """The benchmark's data at one noise level."""
+
+    train_crops: list[ImageRecord]
+    val_crops: list[ImageRecord]
+    test_images: list[np.ndarray]
+    test_clean: list[np.ndarray]
+    test_labels: list[np.ndarray]
+    test_ids: list[str]
+    split_counts: dict[str, int] = field(default_factory=dict)
+
+
+def prepare(data_dir: Path, split: dict[str, list[str]], sigma: float, data_seed: int, limit: int | None) -> Prepared:
+    parts = {name: ids[:limit] if limit else ids for name, ids in split.items()}
+    train = load_samples(data_dir, parts["train"])
+    val = load_samples(data_dir, parts["val"])
+    test = load_samples(data_dir, parts["test"])
+    return Prepared(
+        train_crops=crop_records(train, sigma, data_seed),
+        val_crops=crop_records(val, sigma, data_seed),
+        test_images=[noisy_version(s, sigma, data_seed) for s in test],
+        test_clean=[s.clean for s in test],
+        test_labels=[s.labels for s in test],
+        test_ids=[s.image_id for s in test],
+        split_counts={name: len(ids) for name, ids in parts.items()},
+    )
+
+
+def make_config(spec: RunSpec, budget: Budget, run_dir: Path) -> DenoiSegConfig:
+    alpha = METHOD_ALPHA[spec.method]
+    return DenoiSegConfig.model_validate(
+        {
+            "seed": spec.seed,
+            "run_dir": str(run_dir),
+            "data": {"patch_size": [budget.patch_size, budget.patch_size]},
+            "model": {"backbone": {"name": "unet", "params": budget.backbone}},
+            "training": {
+                "alpha": alpha,
+                "epochs": budget.epochs,
+                "steps_per_epoch": budget.steps_per_epoch,
+                "batch_size": budget.batch_size,
+                # the baseline trains on labelled crops only, so there is nothing to balance
+                "labelled_fraction": spec.labelled_fraction if spec.method in MIXED_SAMPLING else None,
+                "learning_rate": spec.learning_rate,
+                "lr_patience": budget.lr_patience,
+                # pure N2V trains no segmentation: scoring one validation crop keeps the log honest and cheap
+                "validation_images": 1 if spec.method == "n2v" else budget.validation_images,
+                "threshold_tuning": spec.method != "n2v",
+                # pure N2V has no trained segmentation, so validation AP cannot pick its checkpoint
+                "best_metric": "val_loss" if spec.method == "n2v" else spec.best_metric,
+                "device": "auto",
+                "precision": spec.precision,
+            },
+        }
+    )
+
+
+def evaluate_run(checkpoint: Path, data: Prepared, segmentation: bool) -> dict[str, Any]:
+    """Test figures of a checkpoint on the full test images."""
+    model = load_checkpoint(checkpoint)
+    predictions, psnrs, psnrs_noisy, psnrs_255 = [], [], [], []
+    for noisy, clean in zip(data.test_images, data.test_clean):
+        prediction = predict_image(model, noisy[np.newaxis], device="auto")
+        if segmentation:
+            predictions.append(segment(model, prediction))
+        if clean.max() > clean.min():
+            psnrs.append(psnr(clean, prediction.denoised[0]))
+            psnrs_noisy.append(psnr(clean, noisy))
+        psnrs_255.append(psnr(clean, prediction.denoised[0], data_range=255.0))
+    result: dict[str, Any] = {
+        "psnr": float(np.mean(psnrs)) if psnrs else math.nan,
+        "psnr_noisy_input": float(np.mean(psnrs_noisy)) if psnrs_noisy else math.nan,
+        "psnr_255": float(np.mean(psnrs_255)),
+        "threshold": model.threshold,
+        "n_test_images": len(data.test_images),
+    }
+    if segmentation:
+        scores = evaluate_segmentation(data.test_labels, predictions, names=data.test_ids)
+        result.update(ap50=scores["ap50"], map=scores["map"], seg=scores["seg"])
+    else:
+        result.update(ap50=None, map=None, seg=None)
+    return result
+
+
+def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any]:
+    """Train one method at one setting and evaluate it on the test images."""
+    from denoiseg_core.training import Trainer
+
+    budget = BUDGETS[spec.budget]
+    train_crops, labelled_indices = few_shot(data.train_crops, spec.n_labelled, spec.seed)
+    if spec.method == "baseline":
+        train_records = [r for r in train_crops if r.labels is not None]
+        if not train_records:
+            raise BenchmarkError("the baseline needs at least one labelled crop (--labelled >= 1)")
+    else:
+        train_records = train_crops
+    run_dir = work_dir / spec.key().replace("/", "_")
+    config = make_config(spec, budget, run_dir)
+    started = time.perf_counter()
+    trainer = Trainer(config, progress=False, log=log, records=(train_records, data.val_crops))
+    outcome = trainer.fit()
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    figures = evaluate_run(outcome.best_checkpoint, data, segmentation=spec.method != "n2v")
+    # the last weights too: the checkpoint choice moves PSNR and AP (best.pt is what is reported)
+    last = evaluate_run(outcome.last_checkpoint, data, segmentation=spec.method != "n2v")
+    return {
+        "key": spec.key(),
+        "budget": spec.budget,
+        "method": spec.method,
+        "alpha": METHOD_ALPHA[spec.method],
+        "noise": spec.noise,
+        "n_labelled": spec.n_labelled,
+        "seed": spec.seed,
+        "labelled_fraction": config.training.labelled_fraction,
+        "learning_rate": spec.learning_rate,
+        "best_metric": config.training.best_metric,
+        "precision": trainer.precision,
+        **figures,
+        "last_checkpoint": {k: last[k] for k in ("ap50", "map", "seg", "psnr", "psnr_255")},
+        "validation_ap50_tuned": outcome.validation.get("ap50"),
+        "epochs_run": len(outcome.history),
+        "best_epoch": _best_epoch(outcome.history, config.training.best_metric),
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(time.perf_counter() - started, 1),
+        "n_train_crops": len(train_records),
+        "n_val_crops": len(data.val_crops),
+        "labelled_crops": [data.train_crops[i].name for i in labelled_indices],
+        "split_images": data.split_counts,
+        "budget_description": budget.description,
+    }
+
+
+def _best_epoch(history: list[dict[str, float]], metric: str) -> int | None:
+    values = [h.get(metric, math.nan) for h in history]
+    if not values or all(math.isnan(v) for v in values):
+        return None
+    pick = np.nanargmin if metric == "val_loss" else np.nanargmax
+    return int(history[int(pick(values))]["epoch"])
+
+
+# --------------------------------------------------------------------------- results
+
+
+def machine_description() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "os": platform.platform(),
+    }
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"benchmark": "dsb2018", "runs": []}
+
+
+def save_results(path: Path, results: dict[str, Any], new_runs: Sequence[dict[str, Any]]) -> None:
+    """Merge ``new_runs`` into the JSON (a rerun of the same key replaces the old one)."""
+    by_key = {run["key"]: run for run in results["runs"]}
+    for run in new_runs:
+        by_key[run["key"]] = run
+    results["runs"] = sorted(by_key.values(), key=lambda r: r["key"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=1, allow_nan=True) + "\n")
+
+
+def _group_key(run: dict[str, Any]) -> tuple:
+    return (run["budget"], run["noise"], run["n_labelled"], run["method"], run.get("labelled_fraction"),
+            run.get("learning_rate"), run.get("best_metric"))
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of every figure, per setting."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(_group_key(run), []).append(run)
+    rows = []
+    # None (uniform sampling, or not applicable) sorts before any number
+    for key in sorted(groups, key=lambda k: tuple((0, "") if v is None else (1, v) for v in k)):
+        members = groups[key]
+        row = {"budget": key[0], "noise": key[1], "n_labelled": key[2], "method": key[3], "labelled_fraction": key[4],
+               "learning_rate": key[5], "best_metric": key[6], "seeds": sorted(m["seed"] for m in members),
+               "commands": sorted({m["command"] for m in members}),
+               "machines": sorted({_machine_line(m["machine"]) for m in members}),
+               "train_minutes": float(np.mean([m["train_seconds"] for m in members])) / 60}
+        for name in ("ap50", "map", "seg", "psnr", "psnr_noisy_input", "psnr_255"):
+            if name in ("psnr", "psnr_255") and key[3] in ("baseline", "baseline_mixed"):
+                row[name] = None  # alpha 0 never trains the denoising channel: its PSNR means nothing
+                continue
+            values = [m[name] for m in members if m.get(name) is not None and not math.isnan(m[name])]
+            row[name] = (float(np.mean(values)), float(np.std(values)) if len(values) > 1 else None) if values else None
+        rows.append(row)
+    return rows
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['torch_threads']} torch threads"
+    return f"{where} (torch {machine['torch']})"
+
+
+def _cell(value: tuple[float, float | None] | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    mean, spread = value
+    return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    rows = summarise(results["runs"])
+    lines = [
+        "# DSB2018 few-shot benchmark (generated by `python benchmarks/dsb2018.py report`)",
+        "",
+        "Test split: full held-out images, same noise as training. AP@0.5 = TP/(TP+FP+FN); mAP = mean AP over",
+        "IoU 0.5:0.95; SEG = CTC SEG; PSNR (dB) of the denoised output against the noise-free image",
+        "(per-image range, mean over images; 'PSNR 255': range 255). Mean ± standard deviation over seeds",
+        "(no ± = one seed). 'checkpoint': what picked the evaluated weights on the validation crops.",
+        "",
+        "| budget | noise | labelled crops | method | labelled fraction | lr | checkpoint | seeds | AP@0.5 | mAP | SEG "
+        "| PSNR | PSNR input | PSNR 255 | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        fraction = "uniform" if row["labelled_fraction"] is None else f"{row['labelled_fraction']:g}"
+        if row["method"] == "baseline":
+            fraction = "all (labelled only)"
+        elif row["method"] == "n2v":
+            fraction = "-"  # no segmentation is trained
+        lines.append(
+            f"| {row['budget']} | n{row['noise']:g} | {row['n_labelled']} | {row['method']} | {fraction} | "
+            f"{row['learning_rate']:g} | {row['best_metric']} | "
+            f"{len(row['seeds'])} | {_cell(row['ap50'])} | {_cell(row['map'])} | {_cell(row['seg'])} | "
+            f"{_cell(row['psnr'], 2)} | {_cell(row['psnr_noisy_input'], 2)} | {_cell(row['psnr_255'], 2)} | "
+            f"{row['train_minutes']:.1f} |"
+        )
+    lines += ["", "### Commands and machines", ""]
+    seen: set[str] = set()
+    for row in rows:
+        for command in row["commands"]:
+            if command not in seen:
+                seen.add(command)
+                lines.append(f"- `{command}`")
+    lines.append("")
+    for machine in sorted({m for row in rows for m in row["machines"]}):
+        lines.append(f"- machine: {machine}")
+    lines += ["", "### Budgets", ""]
+    for name in sorted({row["budget"] for row in rows}):
+        lines.append(f"- `{name}`: {BUDGETS[name].description if name in BUDGETS else '?'}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(results: dict[str, Any]) -> bytes:
+    """AP@0.5 against the number of labelled crops, DenoiSeg vs baseline, one line per budget and noise."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    segmenters = ("denoiseg", "baseline", "baseline_mixed")
+    rows = [r for r in summarise(results["runs"]) if r["method"] in segmenters and r["ap50"] is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        series.setdefault((row["budget"], row["noise"], row["method"], row["labelled_fraction"]), []).append(row)
+    for (budget, noise, method, fraction), members in sorted(series.items(), key=lambda kv: str(kv[0])):
+        members.sort(key=lambda r: r["n_labelled"])
+        x = [r["n_labelled"] for r in members]
+        y = [r["ap50"][0] for r in members]
+        err = [r["ap50"][1] or 0.0 for r in members]
+        shown_fraction = ""
+        if method in MIXED_SAMPLING:
+            shown_fraction = ", uniform sampling" if fraction is None else f", labelled fraction {fraction:g}"
+        label = f"{method} ({budget}, n{noise:g}{shown_fraction})"
+        ax.errorbar(x, y, yerr=err, marker="o" if method == "denoiseg" else "s",
+                    linestyle="-" if method == "denoiseg" else "--", capsize=3, label=label)
+    ax.set_xscale("log")
+    counts = sorted({r["n_labelled"] for r in rows})
+    if counts:
+        ax.minorticks_off()
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.set_xlim(min(counts) / 1.5, max(counts) * 1.5)
+    ax.set_xlabel("labelled 128x128 training crops")
+    ax.set_ylabel("test AP@0.5")
+    ax.set_ylim(0, 1)
+    ax.set_title("DSB2018: DenoiSeg vs segmentation-only baseline")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(results_dir: Path) -> None:
+    """Markdown table and PNG plot from the results JSON; refresh the README section's table."""
+    results = load_results(results_dir / RESULTS_JSON)
+    table = markdown_table(results)
+    atomic_write_text(results_dir / RESULTS_TABLE, table)
+    atomic_write_bytes(results_dir / RESULTS_PLOT, plot_png(results))
+    section = results_dir / README_SECTION
+    if section.is_file():
+        text = section.read_text()
+        if TABLE_START in text and TABLE_END in text:
+            before, rest = text.split(TABLE_START, 1)
+            after = rest.split(TABLE_END, 1)[1]
+            body = table.split("\n", 2)[2]  # without the file's title line
+            atomic_write_text(section, f"{before}{TABLE_START}\n{body}{TABLE_END}{after}")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _fraction(text: str) -> float | str | None:
+    if text == "budget":
+        return text
+    if text in ("uniform", "none", "None"):
+        return None
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("labelled fraction must be in [0, 1] or 'uniform'")
+    return value
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate, append to the results JSON, redraw table and plot")
+    run.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DSB2018 folder (images/, masks/, index.csv)")
+    run.add_argument("--split", type=Path, default=SPLIT_FILE, help="the committed split file")
+    run.add_argument("--write-split", action="store_true", help="create the split file (refuses to overwrite one)")
+    run.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    run.add_argument("--noise", type=float, nargs="+", default=[20.0],
+                     help="Gaussian noise sigma(s) on the 0..255 scale")
+    run.add_argument("--labelled", type=int, nargs="+", default=[10], help="number(s) of labelled training crops")
+    run.add_argument("--methods", nargs="+", choices=sorted(METHOD_ALPHA), default=["denoiseg", "baseline"])
+    run.add_argument("--seeds", type=int, nargs="+", default=[0],
+                     help="training seeds (also choose the labelled crops)")
+    run.add_argument("--data-seed", type=int, default=0, help="seed of the noise")
+    run.add_argument("--labelled-fraction", type=_fraction, default="budget",
+                     help="fraction of each DenoiSeg batch from labelled crops, or 'uniform' (default: the budget's)")
+    run.add_argument("--learning-rate", type=float, default=None, help="default: the budget's")
+    run.add_argument("--best-metric", choices=("val_loss", "val_ap50"), default="val_ap50",
+                     help="what picks the evaluated checkpoint (pure N2V always uses val_loss)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="training precision (auto: bf16 where the hardware has it natively)")
+    run.add_argument("--limit-images", type=int, default=None,
+                     help="use only the first K images of each split part (smoke tests)")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    run.add_argument("--work-dir", type=Path, default=None, help="where run folders go (default: a temporary folder)")
+    report = sub.add_parser("report", help="regenerate the Markdown table and PNG plot from the results JSON")
+    report.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return parser.parse_args(argv)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return "python benchmarks/dsb2018.py " + " ".join(shlex.quote(a) for a in argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.command == "report":
+        write_report(args.results_dir)
+        print(f"wrote {args.results_dir / RESULTS_TABLE} and {args.results_dir / RESULTS_PLOT}")
+        return 0
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ids = read_index(args.data)
+    if args.write_split:
+        if args.split.exists():
+            raise BenchmarkError(
+                "split file exists; it must never change silently (delete it by hand to redo)", args.split
+            )
+        atomic_write_text(args.split, json.dumps(make_split(ids), indent=1) + "\n")
+        print(f"wrote {args.split}")
+    split = load_split(args.split, ids)
+    budget = BUDGETS[args.budget]
+    fraction = budget.labelled_fraction if args.labelled_fraction == "budget" else args.labelled_fraction
+    learning_rate = args.learning_rate or budget.learning_rate
+    command, machine = command_line(argv), machine_description()
+    results_path = args.results_dir / RESULTS_JSON
+
+    with tempfile.TemporaryDirectory(prefix="dsb2018-") as tmp:
+        work_dir = args.work_dir or Path(tmp)
+        for sigma in args.noise:
+            data = prepare(args.data, split, sigma, args.data_seed, args.limit_images)
+            print(f"n{sigma:g}: {len(data.train_crops)} training crops, {len(data.val_crops)} validation crops, "
+                  f"{len(data.test_images)} test images", flush=True)
+            for n_labelled in args.labelled:
+                for seed in args.seeds:
+                    for method in args.methods:
+                        spec = RunSpec(args.budget, method, sigma, n_labelled, seed, fraction, learning_rate,
+                                       args.best_metric, args.precision)
+                        print(f"== {spec.key()}", flush=True)
+                        run = run_one(spec, data, work_dir, log=lambda text: print(text, flush=True))
+                        run.update(command=command, machine=machine,
+                                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                        shown = ("key", "ap50", "map", "seg", "psnr", "psnr_noisy_input", "threshold",
+                                 "train_seconds", "eval_seconds")
+                        print(json.dumps({k: run[k] for k in shown}), flush=True)
+                        # saved after every run so a long sweep keeps what it finished
+                        save_results(results_path, load_results(results_path), [run])
+                        write_report(args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DenoiSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

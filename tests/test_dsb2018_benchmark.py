@@ -1,0 +1,123 @@
+"""The DSB2018 benchmark runs end to end (tiny budget) so it cannot rot.
+
+Always on a synthetic stand-in written to tmp (same layout as the real data); also on a few
+real DSB2018 images when the shared data folder is present.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from denoiseg_core.io import write_tiff
+from denoiseg_core.synthetic import make_nuclei_image
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dsb2018.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("dsb2018_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+dsb = _load_benchmark()
+
+
+def _write_fake_dsb(root: Path, n_images: int = 7, shape=(256, 256)) -> list[str]:
+    """A DSB2018-like folder: images/<id>.tif uint8, masks/<id>.tif uint16, index.csv."""
+    ids = []
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "index.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "image_id", "height", "width", "n_labels_in_image"])
+        for i in range(n_images):
+            clean, _, labels = make_nuclei_image(shape, np.random.default_rng([7, i]), noise_sigma=0)
+            image_id = f"fake{i:02d}"
+            write_tiff(root / "images" / f"{image_id}.tif", np.clip(clean, 0, 255).astype(np.uint8))
+            write_tiff(root / "masks" / f"{image_id}.tif", labels.astype(np.uint16))
+            writer.writerow(["train", image_id, *shape, int(labels.max())])
+            ids.append(image_id)
+    return ids
+
+
+def _check_outputs(results_dir: Path, expected_methods: set[str]) -> list[dict]:
+    results = json.loads((results_dir / dsb.RESULTS_JSON).read_text())
+    runs = results["runs"]
+    assert {r["method"] for r in runs} == expected_methods
+    for run in runs:
+        assert run["command"].startswith("python benchmarks/dsb2018.py run")
+        assert run["machine"]["torch"]
+        assert np.isfinite(run["psnr"]) and np.isfinite(run["psnr_255"])
+        if run["method"] == "n2v":
+            assert run["ap50"] is None
+        else:
+            for name in ("ap50", "map", "seg"):
+                assert 0.0 <= run[name] <= 1.0, (name, run[name])
+            assert run["threshold"] is not None
+    table = (results_dir / dsb.RESULTS_TABLE).read_text()
+    assert "| tiny | n20 |" in table and "python benchmarks/dsb2018.py run" in table
+    assert (results_dir / dsb.RESULTS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return runs
+
+
+def test_end_to_end_on_synthetic_data(tmp_path):
+    data = tmp_path / "dsb"
+    ids = _write_fake_dsb(data)
+    split_file = tmp_path / "split.json"
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    section = results_dir / dsb.README_SECTION
+    section.write_text(f"intro\n{dsb.TABLE_START}\nold table\n{dsb.TABLE_END}\noutro\n")
+    common = ["--data", str(data), "--split", str(split_file), "--budget", "tiny", "--noise", "20",
+              "--labelled", "3", "--results-dir", str(results_dir), "--threads", "1"]
+    assert dsb.main(["run", "--write-split", *common, "--methods", "denoiseg", "baseline", "n2v"]) == 0
+    split = json.loads(split_file.read_text())
+    assert sorted(split["train"] + split["val"] + split["test"]) == ids
+    runs = _check_outputs(results_dir, {"denoiseg", "baseline", "n2v"})
+    refreshed = section.read_text()  # the README's table comes from the benchmark's own output
+    assert "old table" not in refreshed and "| tiny | n20 | 3 | denoiseg |" in refreshed
+    assert refreshed.startswith("intro\n") and refreshed.endswith("outro\n")
+    by_method = {r["method"]: r for r in runs}
+    # the baseline sees only the labelled crops; DenoiSeg all of them, with the same labelled ones
+    assert by_method["baseline"]["n_train_crops"] == 3
+    assert by_method["denoiseg"]["n_train_crops"] == 4 * len(split["train"])
+    assert by_method["denoiseg"]["labelled_crops"] == by_method["baseline"]["labelled_crops"]
+
+    # the split never changes silently: refused when the data and the split file disagree
+    with pytest.raises(dsb.BenchmarkError, match="split disagrees with the data"):
+        dsb.load_split(split_file, ids[:-1])
+    with pytest.raises(dsb.BenchmarkError, match="never change silently"):
+        dsb.main(["run", "--write-split", *common])
+
+
+def test_noise_and_label_choice_are_reproducible():
+    sample = dsb.Sample("abc", np.full((256, 128), 50, np.float32), np.zeros((256, 128), np.int32))
+    first, again = dsb.noisy_version(sample, 20, 0), dsb.noisy_version(sample, 20, 0)
+    np.testing.assert_array_equal(first, again)
+    assert abs(float((first - sample.clean).std()) - 20) < 1.0
+    assert not np.array_equal(first, dsb.noisy_version(sample, 20, 1))
+    crops = dsb.crop_records([sample], 10, 0)
+    assert len(crops) == 2 and crops[0].image.shape == (1, 128, 128)
+    chosen, keep = dsb.few_shot(crops, 1, seed=3)
+    assert keep == dsb.few_shot(crops, 1, seed=3)[1]
+    assert sum(r.labels is not None for r in chosen) == 1
+
+
+@pytest.mark.skipif(
+    not (dsb.DEFAULT_DATA / "index.csv").is_file(), reason=f"real DSB2018 data not at {dsb.DEFAULT_DATA}"
+)
+def test_end_to_end_on_real_data_subset(tmp_path):
+    results_dir = tmp_path / "results"
+    argv = ["run", "--budget", "tiny", "--noise", "20", "--labelled", "5", "--limit-images", "2",
+            "--methods", "denoiseg", "baseline", "--results-dir", str(results_dir), "--threads", "1"]
+    assert dsb.main(argv) == 0  # also checks the committed split against the data on disk
+    _check_outputs(results_dir, {"denoiseg", "baseline"})
