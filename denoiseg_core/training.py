@@ -455,9 +455,13 @@ class Trainer:
             finally:
                 batches.close()  # stops DataLoader workers
         try:
-            return self._finish()
+            result = self._finish()
+            # Ranks leave together: a rank tearing down gloo while rank 0 still tunes the
+            # threshold made the early rank abort at exit.
+            distributed.barrier(self.dist)
         finally:
             distributed.teardown(self.dist)
+        return result
 
     def _run_epoch(self, batches: Iterator[tuple], progress, task) -> None:
         cfg = self.config.training
