@@ -10,14 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from denoiseg_core.cli import main
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+from cli_helpers import run_cli
 
 
 def _dataset(root: Path, n: int = 3, shape=(32, 32)) -> Path:

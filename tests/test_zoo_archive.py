@@ -12,7 +12,6 @@ import tifffile
 import torch
 from torch import nn
 
-from denoiseg_core.cli import main
 from denoiseg_core.components import NoParams
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.errors import DenoiSegError
@@ -21,16 +20,7 @@ from denoiseg_core.plugin_manager import Registry
 from denoiseg_zoo.architecture import activation_kind, architecture_export
 from denoiseg_zoo.archive import PackageError, check_package_zip, load_package, unsafe_member
 
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
-
-
-def tree(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+from cli_helpers import run_cli, tree
 
 
 @pytest.mark.parametrize(

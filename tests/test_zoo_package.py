@@ -22,7 +22,6 @@ import torch
 import yaml
 
 from denoiseg_core.checkpoint import Normalization, load_checkpoint, read_checkpoint_state, save_checkpoint
-from denoiseg_core.cli import main
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.metrics import average_precision
@@ -34,18 +33,9 @@ from denoiseg_zoo.architecture import build_from_source
 from denoiseg_zoo.export import ExportOptions, export_package, geometry_for
 from denoiseg_zoo.importing import checkpoint_state_from_package
 
+from cli_helpers import run_cli, tree
+
 FORMATS = ("onnx", "pytorch_state_dict", "torchscript")
-
-
-def run_cli(args: list, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
-
-
-def tree(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 def train_tiny_checkpoint(path: Path, steps: int = 40) -> dict:
