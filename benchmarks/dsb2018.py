@@ -13,9 +13,12 @@ Protocol
   unlabelled. Validation: the (labelled) 128x128 crops of the validation images. Test: the full test
   images with the same kind of noise.
 * Methods, at equal budget (same network, steps, batch): ``denoiseg`` (alpha 0.5, all crops),
-  ``baseline`` (alpha 0, segmentation only, trained on the N labelled crops only) and ``n2v`` (alpha 1,
-  pure Noise2Void, for the denoising comparison); diagnostic ``baseline_mixed``: alpha 0 on all crops
-  sampled like DenoiSeg (as many labelled patches per step as DenoiSeg, a quarter of ``baseline``'s).
+  ``baseline`` (alpha 0, segmentation only, trained on the N labelled crops only), ``sequential``
+  (the paper's "Sequential": Noise2Void on all crops for the first half of the steps, then a fresh
+  segmentation-only network on the N2V-denoised labelled crops for the second half; validation and test
+  images are denoised by the same N2V network first) and ``n2v`` (alpha 1, pure Noise2Void, for the
+  denoising comparison); diagnostic ``baseline_mixed``: alpha 0 on all crops sampled like DenoiSeg (as
+  many labelled patches per step as DenoiSeg, a quarter of ``baseline``'s).
 * Figures on the test images: AP@0.5 (TP/(TP+FP+FN)), mean AP over IoU 0.5:0.95, SEG (CTC) and the PSNR
   of the denoised output against the noise-free image (per-image range, mean over images).
 
@@ -42,7 +45,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -157,7 +160,8 @@ BUDGETS: dict[str, Budget] = {
 
 #: method -> loss weight alpha of the denoising term. ``baseline_mixed`` is a diagnostic: alpha 0 on all
 #: crops sampled exactly like DenoiSeg, so it sees as many labelled patches per step as DenoiSeg does.
-METHOD_ALPHA = {"denoiseg": 0.5, "baseline": 0.0, "n2v": 1.0, "baseline_mixed": 0.0}
+#: ``sequential``'s alpha is that of its segmentation stage (its first stage is pure N2V).
+METHOD_ALPHA = {"denoiseg": 0.5, "baseline": 0.0, "n2v": 1.0, "baseline_mixed": 0.0, "sequential": 0.0}
 #: methods whose batches mix labelled and unlabelled crops with ``labelled_fraction``
 MIXED_SAMPLING = ("denoiseg", "baseline_mixed")
 
@@ -318,6 +322,8 @@ class Prepared:
     test_labels: list[np.ndarray]
     test_ids: list[str]
     split_counts: dict[str, int] = field(default_factory=dict)
+    #: what the networks are given at test time, when not the noisy test images (Sequential)
+    test_inputs: list[np.ndarray] | None = None
 
 
 def prepare(data_dir: Path, split: dict[str, list[str]], sigma: float, data_seed: int, limit: int | None) -> Prepared:
@@ -337,6 +343,7 @@ def prepare(data_dir: Path, split: dict[str, list[str]], sigma: float, data_seed
 
 
 def make_config(spec: RunSpec, budget: Budget, run_dir: Path) -> DenoiSegConfig:
+    """The training config of ``spec`` (for ``sequential``: of its segmentation stage)."""
     alpha = METHOD_ALPHA[spec.method]
     return DenoiSegConfig.model_validate(
         {
@@ -366,11 +373,17 @@ def make_config(spec: RunSpec, budget: Budget, run_dir: Path) -> DenoiSegConfig:
 
 
 def evaluate_run(checkpoint: Path, data: Prepared, segmentation: bool) -> dict[str, Any]:
-    """Test figures of a checkpoint on the full test images."""
+    """Test figures of a checkpoint on the full test images.
+
+    ``data.test_inputs`` (when set) is what the network is given instead of the noisy test images
+    (Sequential's segmentation stage sees N2V-denoised images); PSNR always compares the network's
+    denoised channel with the noise-free image, and 'PSNR input' the noisy image.
+    """
     model = load_checkpoint(checkpoint)
     predictions, psnrs, psnrs_noisy, psnrs_255 = [], [], [], []
-    for noisy, clean in zip(data.test_images, data.test_clean):
-        prediction = predict_image(model, noisy[np.newaxis], device="auto")
+    inputs = data.test_inputs if data.test_inputs is not None else data.test_images
+    for given, noisy, clean in zip(inputs, data.test_images, data.test_clean):
+        prediction = predict_image(model, given[np.newaxis], device="auto")
         if segmentation:
             predictions.append(segment(model, prediction))
         if clean.max() > clean.min():
@@ -398,22 +411,39 @@ def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any
 
     budget = BUDGETS[spec.budget]
     train_crops, labelled_indices = few_shot(data.train_crops, spec.n_labelled, spec.seed)
-    if spec.method == "baseline":
+    if spec.method in ("baseline", "sequential"):
         train_records = [r for r in train_crops if r.labels is not None]
         if not train_records:
-            raise BenchmarkError("the baseline needs at least one labelled crop (--labelled >= 1)")
+            raise BenchmarkError(f"{spec.method} needs at least one labelled crop (--labelled >= 1)")
     else:
         train_records = train_crops
     run_dir = work_dir / spec.key().replace("/", "_")
-    config = make_config(spec, budget, run_dir)
     started = time.perf_counter()
-    trainer = Trainer(config, progress=False, log=log, records=(train_records, data.val_crops))
+    val_records = data.val_crops
+    if spec.method == "sequential":
+        # equal budget: half of the epochs denoise, the other half segment
+        budget = replace(budget, epochs=max(1, budget.epochs // 2))
+        n2v_spec = replace(spec, method="n2v", best_metric="val_loss")
+        n2v_config = make_config(n2v_spec, budget, run_dir.with_name(run_dir.name + "_stage1_n2v"))
+        log("-- sequential, stage 1: Noise2Void on all training crops")
+        n2v = Trainer(n2v_config, progress=False, log=log, records=(train_crops, data.val_crops)).fit()
+        denoiser = load_checkpoint(n2v.best_checkpoint)
+        train_records = [_denoised_record(denoiser, r) for r in train_records]
+        val_records = [_denoised_record(denoiser, r) for r in data.val_crops]
+        data = replace(data, test_inputs=[_denoise(denoiser, image) for image in data.test_images])
+        log("-- sequential, stage 2: segmentation only, on the denoised labelled crops")
+    config = make_config(spec, budget, run_dir)
+    trainer = Trainer(config, progress=False, log=log, records=(train_records, val_records))
     outcome = trainer.fit()
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     figures = evaluate_run(outcome.best_checkpoint, data, segmentation=spec.method != "n2v")
     # the last weights too: the checkpoint choice moves PSNR and AP (best.pt is what is reported)
     last = evaluate_run(outcome.last_checkpoint, data, segmentation=spec.method != "n2v")
+    if spec.method == "sequential":
+        # its denoising is stage 1's; the segmentation network's own denoising channel is untrained
+        for result in (figures, last):
+            result.update(_test_psnr(data.test_inputs, data))
     return {
         "key": spec.key(),
         "budget": spec.budget,
@@ -438,6 +468,25 @@ def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any
         "labelled_crops": [data.train_crops[i].name for i in labelled_indices],
         "split_images": data.split_counts,
         "budget_description": budget.description,
+    }
+
+
+def _denoise(model, image: np.ndarray) -> np.ndarray:
+    """The denoised channel of a 2-D image ``(Y, X)``, same shape, raw intensity units."""
+    return predict_image(model, image[np.newaxis], device="auto").denoised[0]
+
+
+def _denoised_record(model, record: ImageRecord) -> ImageRecord:
+    return replace(record, image=_denoise(model, record.image[0])[np.newaxis])
+
+
+def _test_psnr(denoised_images: Sequence[np.ndarray], data: Prepared) -> dict[str, float]:
+    """PSNR of already denoised test images against the noise-free ones (as in :func:`evaluate_run`)."""
+    pairs = list(zip(denoised_images, data.test_clean))
+    ranged = [psnr(clean, image) for image, clean in pairs if clean.max() > clean.min()]
+    return {
+        "psnr": float(np.mean(ranged)) if ranged else math.nan,
+        "psnr_255": float(np.mean([psnr(clean, image, data_range=255.0) for image, clean in pairs])),
     }
 
 
@@ -548,7 +597,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     for row in rows:
         fraction = "uniform" if row["labelled_fraction"] is None else f"{row['labelled_fraction']:g}"
-        if row["method"] == "baseline":
+        if row["method"] in ("baseline", "sequential"):
             fraction = "all (labelled only)"
         elif row["method"] == "n2v":
             fraction = "-"  # no segmentation is trained
@@ -584,7 +633,7 @@ def plot_png(results: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    segmenters = ("denoiseg", "baseline", "baseline_mixed")
+    segmenters = ("denoiseg", "baseline", "baseline_mixed", "sequential")
     rows = [r for r in summarise(results["runs"]) if r["method"] in segmenters and r["ap50"] is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     series: dict[tuple, list[dict[str, Any]]] = {}
@@ -621,20 +670,38 @@ def plot_png(results: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def table_body(results: dict[str, Any]) -> str:
+    """What goes between the README's table markers: the Markdown report without its title line."""
+    return markdown_table(results).split("\n", 2)[2]
+
+
+def refresh_table(document: Path, body: str) -> bool:
+    """Replace the text between the table markers of ``document``; False when it has no markers."""
+    if not document.is_file():
+        return False
+    text = document.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        return False
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    atomic_write_text(document, f"{before}{TABLE_START}\n{body}{TABLE_END}{after}")
+    return True
+
+
 def write_report(results_dir: Path) -> None:
-    """Markdown table and PNG plot from the results JSON; refresh the README section's table."""
+    """Markdown table and PNG plot from the results JSON; refresh the README section's table.
+
+    For the committed results (the default ``--results-dir``) the repository's README.md table is
+    refreshed too, so what the README shows is always the benchmark's own output.
+    """
     results = load_results(results_dir / RESULTS_JSON)
-    table = markdown_table(results)
-    atomic_write_text(results_dir / RESULTS_TABLE, table)
+    atomic_write_text(results_dir / RESULTS_TABLE, markdown_table(results))
     atomic_write_bytes(results_dir / RESULTS_PLOT, plot_png(results))
-    section = results_dir / README_SECTION
-    if section.is_file():
-        text = section.read_text()
-        if TABLE_START in text and TABLE_END in text:
-            before, rest = text.split(TABLE_START, 1)
-            after = rest.split(TABLE_END, 1)[1]
-            body = table.split("\n", 2)[2]  # without the file's title line
-            atomic_write_text(section, f"{before}{TABLE_START}\n{body}{TABLE_END}{after}")
+    documents = [results_dir / README_SECTION]
+    if results_dir.resolve() == RESULTS_DIR:
+        documents.append(REPOSITORY / "README.md")
+    for document in documents:
+        refresh_table(document, table_body(results))
 
 
 # --------------------------------------------------------------------------- command line

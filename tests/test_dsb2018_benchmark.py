@@ -79,10 +79,10 @@ def test_end_to_end_on_synthetic_data(tmp_path):
     section.write_text(f"intro\n{dsb.TABLE_START}\nold table\n{dsb.TABLE_END}\noutro\n")
     common = ["--data", str(data), "--split", str(split_file), "--budget", "tiny", "--noise", "20",
               "--labelled", "3", "--results-dir", str(results_dir), "--threads", "1"]
-    assert dsb.main(["run", "--write-split", *common, "--methods", "denoiseg", "baseline", "n2v"]) == 0
+    assert dsb.main(["run", "--write-split", *common, "--methods", "denoiseg", "baseline", "n2v", "sequential"]) == 0
     split = json.loads(split_file.read_text())
     assert sorted(split["train"] + split["val"] + split["test"]) == ids
-    runs = _check_outputs(results_dir, {"denoiseg", "baseline", "n2v"})
+    runs = _check_outputs(results_dir, {"denoiseg", "baseline", "n2v", "sequential"})
     refreshed = section.read_text()  # the README's table comes from the benchmark's own output
     assert "old table" not in refreshed and "| tiny | n20 | 3 | denoiseg |" in refreshed
     assert refreshed.startswith("intro\n") and refreshed.endswith("outro\n")
@@ -91,6 +91,12 @@ def test_end_to_end_on_synthetic_data(tmp_path):
     assert by_method["baseline"]["n_train_crops"] == 3
     assert by_method["denoiseg"]["n_train_crops"] == 4 * len(split["train"])
     assert by_method["denoiseg"]["labelled_crops"] == by_method["baseline"]["labelled_crops"]
+    # Sequential segments the same labelled crops (N2V-denoised); its PSNR is its N2V stage's, which
+    # at this budget must at least differ from the noisy input's
+    assert by_method["sequential"]["n_train_crops"] == 3
+    assert by_method["sequential"]["labelled_crops"] == by_method["baseline"]["labelled_crops"]
+    assert by_method["sequential"]["psnr"] != by_method["sequential"]["psnr_noisy_input"]
+    assert "| tiny | n20 | 3 | sequential | all (labelled only) |" in refreshed
 
     # the split never changes silently: refused when the data and the split file disagree
     with pytest.raises(dsb.BenchmarkError, match="split disagrees with the data"):
@@ -121,3 +127,14 @@ def test_end_to_end_on_real_data_subset(tmp_path):
             "--methods", "denoiseg", "baseline", "--results-dir", str(results_dir), "--threads", "1"]
     assert dsb.main(argv) == 0  # also checks the committed split against the data on disk
     _check_outputs(results_dir, {"denoiseg", "baseline"})
+
+
+def test_readme_table_is_the_benchmarks_own_output():
+    """The README's results table is exactly what ``report`` makes of the committed results JSON."""
+    results = dsb.load_results(dsb.RESULTS_DIR / dsb.RESULTS_JSON)
+    assert results["runs"], "no committed DSB2018 results"
+    body = dsb.table_body(results)
+    for document in (dsb.REPOSITORY / "README.md", dsb.RESULTS_DIR / dsb.README_SECTION):
+        text = document.read_text()
+        shown = text.split(dsb.TABLE_START, 1)[1].split(dsb.TABLE_END, 1)[0]
+        assert shown == "\n" + body, f"{document.name}: table out of date, run `python benchmarks/dsb2018.py report`"
