@@ -564,7 +564,9 @@ def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[name] = None  # alpha 0 never trains the denoising channel: its PSNR means nothing
                 continue
             values = [m[name] for m in members if m.get(name) is not None and not math.isnan(m[name])]
-            row[name] = (float(np.mean(values)), float(np.std(values)) if len(values) > 1 else None) if values else None
+            # the noisy input is the same for every seed: no spread to show
+            spread = len(values) > 1 and name != "psnr_noisy_input"
+            row[name] = (float(np.mean(values)), float(np.std(values)) if spread else None) if values else None
         rows.append(row)
     return rows
 
@@ -578,6 +580,8 @@ def _cell(value: tuple[float, float | None] | None, digits: int = 3) -> str:
     if value is None:
         return "-"
     mean, spread = value
+    if math.isinf(mean):
+        return "∞ (no noise)"
     return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
@@ -624,8 +628,20 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the paper's DSB2018 test AP@0.5 (TensorFlow, full schedule, mean of 5 runs), for scale in the plot:
+#: (noise sigma, labelled crops) -> method -> AP@0.5
+PAPER_AP50 = {
+    (20.0, 10): {"baseline": 0.549, "denoiseg": 0.678},
+    (0.0, 10): {"baseline": 0.579, "denoiseg": 0.625},
+}
+_METHOD_COLOURS = {"denoiseg": "tab:red", "baseline": "tab:green", "sequential": "tab:purple",
+                   "baseline_mixed": "tab:gray"}
+_NOISE_MARKERS = {0.0: "^", 10.0: "s", 20.0: "o"}
+
+
 def plot_png(results: dict[str, Any]) -> bytes:
-    """AP@0.5 against the number of labelled crops, DenoiSeg vs baseline, one line per budget and noise."""
+    """AP@0.5 against the number of labelled crops: one line per method, budget and noise (colour: method,
+    marker: noise), mean ± std over seeds, with the paper's figures as hollow markers for scale."""
     import io
 
     import matplotlib
@@ -633,23 +649,37 @@ def plot_png(results: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    segmenters = ("denoiseg", "baseline", "baseline_mixed", "sequential")
+    segmenters = tuple(_METHOD_COLOURS)
     rows = [r for r in summarise(results["runs"]) if r["method"] in segmenters and r["ap50"] is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
     series: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         series.setdefault((row["budget"], row["noise"], row["method"], row["labelled_fraction"]), []).append(row)
     for (budget, noise, method, fraction), members in sorted(series.items(), key=lambda kv: str(kv[0])):
         members.sort(key=lambda r: r["n_labelled"])
-        x = [r["n_labelled"] for r in members]
+        # a small sideways shift per method so error bars at the same count do not hide each other
+        shift = 1.0 + 0.025 * (segmenters.index(method) - 1.5)
+        x = [r["n_labelled"] * shift for r in members]
         y = [r["ap50"][0] for r in members]
         err = [r["ap50"][1] or 0.0 for r in members]
+        seeds = "/".join(sorted({str(len(r["seeds"])) for r in members}))
         shown_fraction = ""
         if method in MIXED_SAMPLING:
             shown_fraction = ", uniform sampling" if fraction is None else f", labelled fraction {fraction:g}"
-        label = f"{method} ({budget}, n{noise:g}{shown_fraction})"
-        ax.errorbar(x, y, yerr=err, marker="o" if method == "denoiseg" else "s",
+        label = f"{method} ({budget}, n{noise:g}{shown_fraction}; {seeds} seed(s))"
+        ax.errorbar(x, y, yerr=err, color=_METHOD_COLOURS[method], marker=_NOISE_MARKERS.get(noise, "D"),
                     linestyle="-" if method == "denoiseg" else "--", capsize=3, label=label)
+    shown_noise = {row["noise"] for row in rows}
+    first = True
+    for (noise, count), figures in sorted(PAPER_AP50.items()):
+        if noise not in shown_noise:
+            continue
+        for method, value in figures.items():
+            shift = 1.0 + 0.025 * (segmenters.index(method) - 1.5)
+            ax.plot([count * shift], [value], linestyle="none", marker=_NOISE_MARKERS.get(noise, "D"),
+                    markersize=9, markerfacecolor="none", markeredgecolor=_METHOD_COLOURS[method],
+                    label="hollow: paper (full schedule, 5 runs)" if first else None)
+            first = False
     ax.set_xscale("log")
     counts = sorted({r["n_labelled"] for r in rows})
     if counts:
@@ -659,10 +689,10 @@ def plot_png(results: dict[str, Any]) -> bytes:
     ax.set_xlabel("labelled 128x128 training crops")
     ax.set_ylabel("test AP@0.5")
     ax.set_ylim(0, 1)
-    ax.set_title("DSB2018: DenoiSeg vs segmentation-only baseline")
+    ax.set_title("DSB2018: DenoiSeg vs segmentation-only baseline and Sequential")
     ax.grid(alpha=0.3)
     if series:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
