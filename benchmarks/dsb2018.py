@@ -87,74 +87,67 @@ class BenchmarkError(DenoiSegError):
 class Budget:
     """Network and schedule of one training budget (identical for every method)."""
 
-    description: str
+    #: where and how long it runs (the rest of :attr:`description` comes from the fields)
+    note: str
     backbone: dict[str, Any]
     patch_size: int
     batch_size: int
     epochs: int
     steps_per_epoch: int
-    learning_rate: float
     lr_patience: int
     #: validation crops scored (AP) after each epoch; ``None``: all of them
     validation_images: int | None
+    learning_rate: float = 4e-4
     #: fraction of each batch drawn from labelled crops for denoiseg (``None``: uniform, the paper)
-    labelled_fraction: float | None
+    labelled_fraction: float | None = 0.25
 
     @property
     def steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
+    @property
+    def description(self) -> str:
+        learning_rate = f"{self.learning_rate:.0e}".replace("e-0", "e-")  # 4e-4, as the paper writes it
+        return (
+            f"U-Net depth {self.backbone['depth']}, {self.backbone['first_filters']} first filters, batch "
+            f"{self.batch_size}, {self.patch_size}x{self.patch_size} patches, {self.epochs} epochs x "
+            f"{self.steps_per_epoch} steps, Adam {learning_rate} halved after {self.lr_patience} epochs "
+            f"without improvement ({self.note})"
+        )
 
+
+_CPU_BUDGET = Budget(
+    note="about 8 min of training per run on 2 quiet AMD EPYC cores",
+    backbone={"depth": 3, "first_filters": 16},
+    patch_size=64,
+    batch_size=32,
+    epochs=30,
+    steps_per_epoch=100,
+    lr_patience=4,
+    validation_images=64,
+)
 BUDGETS: dict[str, Budget] = {
-    "cpu": Budget(
-        description="U-Net depth 3, 16 first filters, batch 32, 64x64 patches, 30 epochs x 100 steps, Adam 4e-4 "
-        "halved after 4 epochs without improvement (12-20 min of training on 2 shared AMD EPYC cores)",
-        backbone={"depth": 3, "first_filters": 16},
-        patch_size=64,
-        batch_size=32,
-        epochs=30,
-        steps_per_epoch=100,
-        learning_rate=4e-4,
-        lr_patience=4,
-        validation_images=64,
-        labelled_fraction=0.25,
-    ),
+    "cpu": _CPU_BUDGET,
     "paper": Budget(
-        description="the paper's schedule (GPU): U-Net depth 4, 32 first filters, batch 128, 64x64 patches, "
-        "200 epochs x 400 steps, Adam 4e-4 halved after 10 epochs without improvement",
+        note="the paper's schedule, for a GPU",
         backbone={"depth": 4, "first_filters": 32},
         patch_size=64,
         batch_size=128,
         epochs=200,
         steps_per_epoch=400,
-        learning_rate=4e-4,
         lr_patience=10,
         validation_images=None,
-        labelled_fraction=0.25,
     ),
-    "short": Budget(
-        description="exploration (about 5 min on 2 CPU cores): the cpu budget's network, 8 epochs x 100 steps",
-        backbone={"depth": 3, "first_filters": 16},
-        patch_size=64,
-        batch_size=32,
-        epochs=8,
-        steps_per_epoch=100,
-        learning_rate=4e-4,
-        lr_patience=2,
-        validation_images=64,
-        labelled_fraction=0.25,
-    ),
+    "short": replace(_CPU_BUDGET, note="exploration, about 5 min on 2 CPU cores", epochs=8, lr_patience=2),
     "tiny": Budget(
-        description="smoke test only (seconds): U-Net depth 2, 8 first filters, batch 4, 32x32 patches, 2 x 3 steps",
+        note="smoke test only, seconds",
         backbone={"depth": 2, "first_filters": 8},
         patch_size=32,
         batch_size=4,
         epochs=2,
         steps_per_epoch=3,
-        learning_rate=4e-4,
         lr_patience=2,
         validation_images=4,
-        labelled_fraction=0.25,
     ),
 }
 
@@ -380,20 +373,16 @@ def evaluate_run(checkpoint: Path, data: Prepared, segmentation: bool) -> dict[s
     denoised channel with the noise-free image, and 'PSNR input' the noisy image.
     """
     model = load_checkpoint(checkpoint)
-    predictions, psnrs, psnrs_noisy, psnrs_255 = [], [], [], []
+    predictions, denoised = [], []
     inputs = data.test_inputs if data.test_inputs is not None else data.test_images
-    for given, noisy, clean in zip(inputs, data.test_images, data.test_clean):
+    for given in inputs:
         prediction = predict_image(model, given[np.newaxis], device="auto")
         if segmentation:
             predictions.append(segment(model, prediction))
-        if clean.max() > clean.min():
-            psnrs.append(psnr(clean, prediction.denoised[0]))
-            psnrs_noisy.append(psnr(clean, noisy))
-        psnrs_255.append(psnr(clean, prediction.denoised[0], data_range=255.0))
+        denoised.append(prediction.denoised[0])
     result: dict[str, Any] = {
-        "psnr": float(np.mean(psnrs)) if psnrs else math.nan,
-        "psnr_noisy_input": float(np.mean(psnrs_noisy)) if psnrs_noisy else math.nan,
-        "psnr_255": float(np.mean(psnrs_255)),
+        **_test_psnr(denoised, data),
+        "psnr_noisy_input": _test_psnr(data.test_images, data)["psnr"],
         "threshold": model.threshold,
         "n_test_images": len(data.test_images),
     }
@@ -481,7 +470,8 @@ def _denoised_record(model, record: ImageRecord) -> ImageRecord:
 
 
 def _test_psnr(denoised_images: Sequence[np.ndarray], data: Prepared) -> dict[str, float]:
-    """PSNR of already denoised test images against the noise-free ones (as in :func:`evaluate_run`)."""
+    """Mean PSNR of (denoised or noisy) test images against the noise-free ones: ``psnr`` with each
+    image's own range (images without a range are left out), ``psnr_255`` with the range 255."""
     pairs = list(zip(denoised_images, data.test_clean))
     ranged = [psnr(clean, image) for image, clean in pairs if clean.max() > clean.min()]
     return {
