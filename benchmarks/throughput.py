@@ -39,7 +39,6 @@ import contextlib
 import fcntl
 import json
 import math
-import platform
 import resource
 import subprocess
 import sys
@@ -303,19 +302,13 @@ def run_child(spec: dict, lock: str | None) -> dict:
 def describe_machine(device_name: str) -> str:
     import torch
 
-    from denoiseg_core.prediction import cpu_bf16_capability, resolve_device
+    from denoiseg_core.prediction import cpu_bf16_capability, cpu_model_name, resolve_device
 
     device = resolve_device(device_name)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return (
-        f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{cpu_model_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"ISA {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_bf16_capability() or 'none'}"
     )
 

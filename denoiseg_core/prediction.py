@@ -15,6 +15,7 @@ import functools
 import itertools
 import math
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
 
 
 @functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    """The fields of the first processor in ``/proc/cpuinfo`` (Linux); empty elsewhere."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor's block ends at a blank line
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_model_name() -> str:
+    """The CPU model (``model name`` in ``/proc/cpuinfo``), else what :mod:`platform` says."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
 def cpu_bf16_capability() -> str | None:
     """The CPU's native bfloat16 matrix instructions: ``"amx"``, ``"avx512_bf16"`` or ``None``.
 
@@ -185,15 +206,7 @@ def cpu_bf16_capability() -> str | None:
     instructions oneDNN emulates bf16 and autocast is slower than float32.
     ``torch.backends.cpu.get_cpu_capability()`` only says ``AVX512`` for both kinds.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            flags: set[str] = set()
-            for line in fh:
-                if line.startswith("flags"):
-                    flags.update(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return None
+    flags = set(_cpuinfo().get("flags", "").split())
     if "amx_bf16" in flags:
         return "amx"
     if "avx512_bf16" in flags:
