@@ -54,6 +54,7 @@ from denoiseg_core.model import BuiltModel, InferenceNet, build_model
 from denoiseg_core.plugin_manager import get_registry, plugin_versions
 from denoiseg_core.prediction import (
     choose_tile,
+    fold_batch_norm,
     predict_array,
     preferred_memory_format,
     resolve_device,
@@ -419,14 +420,16 @@ class Trainer:
 
     def predict_probabilities(self, records: list[ImageRecord]) -> list[np.ndarray]:
         """Segmentation probabilities of whole validation images (tiled), in eval mode."""
-        inference = InferenceNet(self.net, self.built.head).eval()
+        # folded once here, not once per image inside predict_array (it copies the network)
+        inference = fold_batch_norm(InferenceNet(self.net, self.built.head).eval())
         mean = np.asarray(self.normalization.mean, np.float32).reshape((-1,) + (1,) * self.ndim)
         std = np.asarray(self.normalization.std, np.float32).reshape((-1,) + (1,) * self.ndim)
         out = []
         for rec in records:
             result = predict_array(
                 inference,
-                (rec.image - mean) / std,
+                rec.image,
+                normalization=(mean, std),
                 divisor=self.built.size_divisor,
                 halo=self.built.halo,
                 tile=choose_tile(None, rec.spatial_shape, self.built.size_divisor, self.built.halo),
