@@ -180,6 +180,7 @@ _LEVERS_OFF = {"ema_decay": None, "warm_start_epochs": 0, "weight_decay": 0.0, "
 _V1 = {**_LEVERS_OFF, "labelled_fraction": 0.25, "best_metric": "val_ap50"}
 _TUNED = {**_V1, "best_metric": "val_ap50_tuned"}
 _MEAN_TEACHER = {"name": "mean_teacher", "params": {}}
+_PSEUDO_LABELS = {"name": "mean_teacher", "params": {"loss": "cross_entropy", "confidence": 0.9, "weight": 1.0}}
 RECIPES: dict[str, Recipe] = {
     "baseline": Recipe("baseline", "segmentation only (alpha 0) on the labelled crops, checkpoint by AP at "
                        "threshold 0.5", {**_V1, "labelled_fraction": None}),
@@ -206,10 +207,15 @@ RECIPES: dict[str, Recipe] = {
     "weight_decay": Recipe("denoiseg", "tuned_ckpt + AdamW weight decay 0.01", {**_TUNED, "weight_decay": 0.01}),
     "intensity_jitter": Recipe("denoiseg", "tuned_ckpt + random gain/offset 0.2 per patch",
                                {**_TUNED, "intensity_jitter": 0.2}),
+    "pseudo_labels": Recipe("denoiseg", "tuned_ckpt + EMA 0.99 + the teacher's confident classes (> 0.9) as "
+                            "pseudo-labels on every patch (mean_teacher with cross_entropy, weight 1)",
+                            {**_TUNED, "ema_decay": 0.99, "semi_supervised": _PSEUDO_LABELS}),
     "combo_a": Recipe("denoiseg", "EMA + warm start + mean teacher",
                       {**_TUNED, "ema_decay": 0.99, "warm_start_fraction": 1 / 3, "semi_supervised": _MEAN_TEACHER}),
     "combo_b": Recipe("denoiseg", "EMA + mean teacher + half labelled",
                       {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _MEAN_TEACHER}),
+    "combo_d": Recipe("denoiseg", "EMA + pseudo-labels + half labelled",
+                      {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _PSEUDO_LABELS}),
     "combo_c": Recipe("denoiseg", "EMA + warm start + half labelled",
                       {**_TUNED, "ema_decay": 0.99, "warm_start_fraction": 1 / 3, "labelled_fraction": 0.5}),
     "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),

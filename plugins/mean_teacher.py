@@ -3,10 +3,12 @@
 With ten annotated patches most of the data never reaches the segmentation loss. This term
 lets every patch teach segmentation: the moving-average (EMA) network, the teacher, segments
 a differently rotated / flipped copy of the patch with fresh Gaussian noise added, its output
-is turned back, and the student's probabilities are pulled towards the teacher's (squared
-difference of the head's probabilities, per pixel). Pixels where the teacher is less confident
-than ``confidence`` are ignored (FixMatch-style gating; 0 keeps all). The weight ramps in
-with a sigmoid over the first ``ramp_up`` of the joint training, when the teacher is still poor.
+is turned back, and the student is pulled towards the teacher: ``loss: mse`` compares the
+head's probabilities (squared difference per pixel, the classic mean teacher), ``loss:
+cross_entropy`` takes the teacher's most likely class as a pseudo-label (FixMatch style; its
+scale matches the supervised cross-entropy). Pixels where the teacher is less confident than
+``confidence`` are ignored (0 keeps all). The weight ramps in with a sigmoid over the first
+``ramp_up`` of the joint training, when the teacher is still poor.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 from collections.abc import Callable
 
 import torch
+from typing import Literal
+
 from pydantic import Field
 
 from denoiseg_core.components import ComponentParams, SegmentationHead, SemiSupervisedSpec
@@ -25,6 +29,9 @@ class MeanTeacherParams(ComponentParams):
     """Parameters of the ``mean_teacher`` objective."""
 
     weight: float = Field(3.0, ge=0, description="weight of the consistency term once ramped in")
+    loss: Literal["mse", "cross_entropy"] = Field(
+        "mse", description="mse: squared difference of probabilities; cross_entropy: teacher's class as pseudo-label"
+    )
     ramp_up: float = Field(0.3, ge=0, le=1, description="fraction of the joint training over which the weight ramps in")
     noise: float = Field(0.1, ge=0, description="std of Gaussian noise added to the teacher's input (normalised units)")
     confidence: float = Field(0.0, ge=0, lt=1, description="ignore pixels where the teacher's top probability is below this")
@@ -86,7 +93,11 @@ class MeanTeacherConsistency:
         with torch.no_grad():
             target = head.activation()(_inverse(teacher(view).float(), k, flip))
         probabilities = head.activation()(student_logits.float())
-        per_pixel = ((probabilities - target) ** 2).sum(dim=1)  # (N, *spatial)
+        if p.loss == "mse":
+            per_pixel = ((probabilities - target) ** 2).sum(dim=1)  # (N, *spatial)
+        else:
+            pseudo = target.argmax(dim=1, keepdim=True)
+            per_pixel = -torch.log(probabilities.gather(1, pseudo).squeeze(1).clamp(min=1e-6))
         keep = torch.ones_like(per_pixel)
         if p.confidence > 0:
             keep = keep * (target.amax(dim=1) >= p.confidence).to(keep.dtype)
