@@ -25,10 +25,8 @@ DEMO_OVERRIDES = {
         "epochs": 12,
         "steps_per_epoch": 40,
         "batch_size": 32,
-        "labelled_fraction": 0.5,
         "learning_rate": 2e-3,
         "lr_patience": 3,
-        "best_metric": "val_ap50",
     },
 }
 
