@@ -45,6 +45,26 @@ class _ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+class _NearestUpsample2x(nn.Module):
+    """Nearest-neighbour upsampling by 2 along every spatial axis (2D and 3D).
+
+    Written with reshape/expand rather than ``nn.Upsample``: scripting ``F.interpolate``
+    serialises all of its branches, including operators old runtimes (libtorch 1.13,
+    deepImageJ) do not have, so their TorchScript would not load.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        unsqueezed: List[int] = [shape[0], shape[1]]
+        expanded: List[int] = [shape[0], shape[1]]
+        upsampled: List[int] = [shape[0], shape[1]]
+        for size in shape[2:]:
+            unsqueezed += [size, 1]
+            expanded += [size, 2]
+            upsampled.append(2 * size)
+        return x.reshape(unsqueezed).expand(expanded).reshape(upsampled)
+
+
 class MaxBlurPool(nn.Module):
     """Anti-aliased 2x down-sampling: max-pool (2 wide, stride 1), then a stride-2 binomial blur.
 
@@ -107,7 +127,7 @@ class N2V2UNet(nn.Module):
             self.pools.append(MaxBlurPool(ndim, filters[level]))
             channels = filters[level]
         self.bottleneck = _ConvBlock(ndim, channels, filters[depth], kernel_size, batch_norm)
-        self.upsample = nn.Upsample(scale_factor=2.0, mode="nearest")
+        self.upsample = _NearestUpsample2x()
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             skip_channels = filters[level] if level > 0 else 0  # no top-level skip connection
