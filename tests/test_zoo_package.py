@@ -135,7 +135,7 @@ def test_package_reopens_with_bioimageio_spec(exported):
     assert scale.kwargs.offset == pytest.approx([model.normalization.mean[0], 0, 0, 0])
 
     assert set(descr.weights.available_formats) == set(FORMATS)
-    assert descr.weights.onnx.opset_version <= 18 and descr.weights.onnx.external_data is None
+    assert descr.weights.onnx.opset_version <= 17 and descr.weights.onnx.external_data is None
     assert descr.weights.pytorch_state_dict.architecture.callable == "DenoiSegInferenceModel"
     assert {str(c.doi) for c in descr.cite} == {"10.1007/978-3-030-66415-2_21", "10.1109/CVPR.2019.00223"}
     assert [a.name for a in descr.authors] == ["Test Author"] and "test" in descr.tags and str(descr.license) == "CC-BY-4.0"
@@ -189,7 +189,7 @@ def test_weights_suit_old_runtimes(exported):
     assert weight_export.torchscript_op_kinds(module) <= weight_export.LONG_STANDING_TORCHSCRIPT_OPS
     proto = onnx.load_from_string(_member(exported["package"], "weights.onnx"))
     onnx.checker.check_model(proto)
-    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) <= 18
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) <= 17
 
 
 def test_architecture_source_rebuilds_the_network(exported, tmp_path):
