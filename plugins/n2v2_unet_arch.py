@@ -65,6 +65,23 @@ class _NearestUpsample2x(nn.Module):
         return x.reshape(unsqueezed).expand(expanded).reshape(upsampled)
 
 
+def _replicate_edges(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Replicate-pad every spatial axis by ``before`` and ``after`` (0 or 1) edge pixels.
+
+    ``F.pad(mode="replicate")`` scripts to ``aten::pad``, which libtorch before 1.13 (older
+    deepImageJ engines) does not have; slicing and concatenation load everywhere.
+    """
+    for axis in range(2, x.dim()):
+        parts: List[torch.Tensor] = []
+        if before > 0:
+            parts.append(x.narrow(axis, 0, 1))
+        parts.append(x)
+        if after > 0:
+            parts.append(x.narrow(axis, x.size(axis) - 1, 1))
+        x = torch.cat(parts, dim=axis)
+    return x
+
+
 class MaxBlurPool(nn.Module):
     """Anti-aliased 2x down-sampling: max-pool (2 wide, stride 1), then a stride-2 binomial blur.
 
@@ -84,10 +101,10 @@ class MaxBlurPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ndim == 2:
-            x = F.max_pool2d(F.pad(x, [0, 1, 0, 1], mode="replicate"), kernel_size=2, stride=1)
-            return F.conv2d(F.pad(x, [1, 1, 1, 1], mode="replicate"), self.kernel, stride=2, groups=self.channels)
-        x = F.max_pool3d(F.pad(x, [0, 1, 0, 1, 0, 1], mode="replicate"), kernel_size=2, stride=1)
-        return F.conv3d(F.pad(x, [1, 1, 1, 1, 1, 1], mode="replicate"), self.kernel, stride=2, groups=self.channels)
+            x = F.max_pool2d(_replicate_edges(x, 0, 1), kernel_size=2, stride=1)
+            return F.conv2d(_replicate_edges(x, 1, 1), self.kernel, stride=2, groups=self.channels)
+        x = F.max_pool3d(_replicate_edges(x, 0, 1), kernel_size=2, stride=1)
+        return F.conv3d(_replicate_edges(x, 1, 1), self.kernel, stride=2, groups=self.channels)
 
 
 class N2V2UNet(nn.Module):

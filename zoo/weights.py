@@ -55,7 +55,7 @@ LONG_STANDING_TORCHSCRIPT_OPS = frozenset(
         "aten::upsample_bicubic2d", "aten::_convolution", "aten::floor", "aten::ceil", "aten::__range_length",
         "aten::__derive_index",
         # reshaping and reductions, all in PyTorch since 1.0
-        "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::transpose", "aten::select",
+        "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::transpose", "aten::select", "aten::narrow",
         "aten::clone", "aten::numel", "aten::mean", "aten::sum", "aten::max", "aten::min", "aten::exp", "aten::log",
         "aten::sqrt", "aten::abs", "aten::pow", "aten::where", "aten::matmul", "aten::linear", "aten::relu6",
         "aten::hardtanh", "aten::prelu", "aten::log_softmax", "aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool2d",
