@@ -96,9 +96,17 @@ def package_member(package: Path, name: str) -> bytes:
         return archive.read(name)
 
 
+#: the pre/postprocessing deepImageJ (JDLL) implements: no softmax, no scale_mean_variance
+DEEPIMAGEJ_PROCESSING = frozenset(
+    {"ensure_dtype", "binarize", "clip", "scale_linear", "sigmoid", "zero_mean_unit_variance",
+     "fixed_zero_mean_unit_variance", "scale_range"}
+)
+
+
 def check_package_runtimes(package: Path, folder: Path) -> dict[str, np.ndarray]:
-    """A package's TorchScript in the old runtime and its ONNX in onnxruntime, on the package's
-    own (normalised) test input, against its TorchScript in this torch 2.x; returns the outputs."""
+    """What deepImageJ and ilastik need of a package: one input, one output, processing deepImageJ
+    has; its TorchScript in the old runtime and its ONNX in onnxruntime agree, on the package's
+    own (normalised) test input, with its TorchScript in this torch 2.x. Returns the outputs."""
     import io
 
     import onnx
@@ -107,6 +115,9 @@ def check_package_runtimes(package: Path, folder: Path) -> dict[str, np.ndarray]
     from denoiseg_zoo import weights as weight_export
 
     rdf = yaml.safe_load(package_member(package, "rdf.yaml"))
+    assert len(rdf["inputs"]) == 1 and len(rdf["outputs"]) == 1
+    processing = [step["id"] for step in rdf["inputs"][0].get("preprocessing", []) + rdf["outputs"][0].get("postprocessing", [])]
+    assert set(processing) <= DEEPIMAGEJ_PROCESSING, processing
     test_input = np.load(io.BytesIO(package_member(package, "test_input.npy")))
     normalization = rdf["config"]["denoiseg"]["normalization"]
     shape = (1, -1) + (1,) * (test_input.ndim - 2)
