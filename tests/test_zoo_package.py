@@ -187,6 +187,9 @@ def test_weights_suit_old_runtimes(exported):
     assert weight_export.torchscript_file_version(torchscript) <= weight_export.MAX_TORCHSCRIPT_FILE_VERSION
     module = torch.jit.load(io.BytesIO(torchscript))
     assert weight_export.torchscript_op_kinds(module) <= weight_export.LONG_STANDING_TORCHSCRIPT_OPS
+    # the serialised code (what an old runtime parses, every branch included) as well
+    assert {o.op for o in weight_export.serialised_torchscript_ops(torchscript)} <= weight_export.LONG_STANDING_TORCHSCRIPT_OPS
+    assert weight_export.old_runtime_problems(module, torchscript) == []
     proto = onnx.load_from_string(_member(exported["package"], "weights.onnx"))
     onnx.checker.check_model(proto)
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) <= 17
