@@ -45,6 +45,43 @@ class _ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+class _NearestUpsample2x(nn.Module):
+    """Nearest-neighbour upsampling by 2 along every spatial axis (2D and 3D).
+
+    Written with reshape/expand rather than ``nn.Upsample``: scripting ``F.interpolate``
+    serialises all of its branches, including operators old runtimes (libtorch 1.13,
+    deepImageJ) do not have, so their TorchScript would not load.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        unsqueezed: List[int] = [shape[0], shape[1]]
+        expanded: List[int] = [shape[0], shape[1]]
+        upsampled: List[int] = [shape[0], shape[1]]
+        for size in shape[2:]:
+            unsqueezed += [size, 1]
+            expanded += [size, 2]
+            upsampled.append(2 * size)
+        return x.reshape(unsqueezed).expand(expanded).reshape(upsampled)
+
+
+def _replicate_edges(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Replicate-pad every spatial axis by ``before`` and ``after`` (0 or 1) edge pixels.
+
+    ``F.pad(mode="replicate")`` scripts to ``aten::pad``, which libtorch before 1.13 (older
+    deepImageJ engines) does not have; slicing and concatenation load everywhere.
+    """
+    for axis in range(2, x.dim()):
+        parts: List[torch.Tensor] = []
+        if before > 0:
+            parts.append(x.narrow(axis, 0, 1))
+        parts.append(x)
+        if after > 0:
+            parts.append(x.narrow(axis, x.size(axis) - 1, 1))
+        x = torch.cat(parts, dim=axis)
+    return x
+
+
 class MaxBlurPool(nn.Module):
     """Anti-aliased 2x down-sampling: max-pool (2 wide, stride 1), then a stride-2 binomial blur.
 
@@ -64,10 +101,10 @@ class MaxBlurPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ndim == 2:
-            x = F.max_pool2d(F.pad(x, [0, 1, 0, 1], mode="replicate"), kernel_size=2, stride=1)
-            return F.conv2d(F.pad(x, [1, 1, 1, 1], mode="replicate"), self.kernel, stride=2, groups=self.channels)
-        x = F.max_pool3d(F.pad(x, [0, 1, 0, 1, 0, 1], mode="replicate"), kernel_size=2, stride=1)
-        return F.conv3d(F.pad(x, [1, 1, 1, 1, 1, 1], mode="replicate"), self.kernel, stride=2, groups=self.channels)
+            x = F.max_pool2d(_replicate_edges(x, 0, 1), kernel_size=2, stride=1)
+            return F.conv2d(_replicate_edges(x, 1, 1), self.kernel, stride=2, groups=self.channels)
+        x = F.max_pool3d(_replicate_edges(x, 0, 1), kernel_size=2, stride=1)
+        return F.conv3d(_replicate_edges(x, 1, 1), self.kernel, stride=2, groups=self.channels)
 
 
 class N2V2UNet(nn.Module):
@@ -107,7 +144,7 @@ class N2V2UNet(nn.Module):
             self.pools.append(MaxBlurPool(ndim, filters[level]))
             channels = filters[level]
         self.bottleneck = _ConvBlock(ndim, channels, filters[depth], kernel_size, batch_norm)
-        self.upsample = nn.Upsample(scale_factor=2.0, mode="nearest")
+        self.upsample = _NearestUpsample2x()
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             skip_channels = filters[level] if level > 0 else 0  # no top-level skip connection

@@ -36,6 +36,26 @@ class _ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+class _NearestUpsample2x(nn.Module):
+    """Nearest-neighbour upsampling by 2 along every spatial axis (2D and 3D).
+
+    Written with reshape/expand rather than ``nn.Upsample``: scripting ``F.interpolate``
+    serialises all of its branches, including operators old runtimes (libtorch 1.13,
+    deepImageJ) do not have, so their TorchScript would not load.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        unsqueezed: List[int] = [shape[0], shape[1]]
+        expanded: List[int] = [shape[0], shape[1]]
+        upsampled: List[int] = [shape[0], shape[1]]
+        for size in shape[2:]:
+            unsqueezed += [size, 1]
+            expanded += [size, 2]
+            upsampled.append(2 * size)
+        return x.reshape(unsqueezed).expand(expanded).reshape(upsampled)
+
+
 class UNet(nn.Module):
     """U-Net mapping ``(N, in_channels, *spatial)`` to ``(N, out_channels, *spatial)``.
 
@@ -74,8 +94,7 @@ class UNet(nn.Module):
             channels = filters[level]
         self.pool = nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2)
         self.bottleneck = _ConvBlock(ndim, channels, filters[depth], kernel_size, batch_norm)
-        # A fixed integer scale factor exports to a plain ONNX Resize and scripts cleanly.
-        self.upsample = nn.Upsample(scale_factor=2.0, mode="nearest")
+        self.upsample = _NearestUpsample2x()
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             self.decoders.append(

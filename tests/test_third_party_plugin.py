@@ -30,6 +30,8 @@ from denoiseg_core.model import build_model
 from denoiseg_core.plugin_manager import Registry, get_plugin_manager, plugin_versions
 from denoiseg_core.testing import check_backbone
 
+from old_runtime import check_package_runtimes, old_torch  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_SOURCE = REPO / "plugins" / "example_plugin"
 DISTRIBUTION = "denoiseg-example-plugin"
@@ -145,7 +147,7 @@ def test_the_plugins_own_tests_pass(example_plugin, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_predict_and_zoo_export_with_the_third_party_backbone(example_plugin, tmp_path):
+def test_train_predict_and_zoo_export_with_the_third_party_backbone(example_plugin, old_torch, tmp_path):
     """The backbone is chosen only by name in the config; everything else is denoiseg's."""
     from denoiseg_core.synthetic import write_synthetic_dataset
 
@@ -176,6 +178,8 @@ def test_train_predict_and_zoo_export_with_the_third_party_backbone(example_plug
     # `zoo export` runs bioimageio.core's test on every weight format before it reports success.
     assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
     assert package.is_file() and "tested" in exported.stdout
+    # its TorchScript runs in PyTorch 1.13 (deepImageJ, ilastik) and its ONNX in onnxruntime, agreeing with torch 2.x
+    check_package_runtimes(package, tmp_path / "runtimes")
 
 
 def test_uninstalled_plugin_error_names_the_distribution(example_plugin, fresh_registry, tmp_path):

@@ -86,9 +86,10 @@ def readme(
     else:
         fiji_labels = "6. Instance labels: use `denoiseg zoo predict` (this head has no ImageJ macro)."
     fiji_3d_note = (
-        "\n> The instance macro works on 2D outputs; for z-stacks use `denoiseg zoo predict` "
-        "or threshold the foreground channel in 3D yourself.\n"
-        if ndim == 3
+        "\n> In 3D the macro labels the output hyperstack (channels x z slices) with 6-connected components\n"
+        "> and the same border rule. It runs voxel by voxel in the macro language (seconds per million\n"
+        "> voxels); for very large volumes `denoiseg zoo predict` is much faster.\n"
+        if ndim == 3 and macro_name
         else ""
     )
     return f"""# {name}
@@ -117,8 +118,10 @@ border), trained with `denoiseg` in PyTorch.
 2. *Plugins > DeepImageJ > DeepImageJ Install Model*: choose *Private model*, *From ZIP file*, select
    this `.zip`, accept the terms and install (or unzip it into `Fiji.app/models/`).
 3. Open your image (a single-channel {dims} image), then *Plugins > DeepImageJ > DeepImageJ Run*.
-4. Select this model. The weights format *Torchscript* (PyTorch) or *ONNX* both work; keep the
-   default tiling (tiling is allowed; the halo is handled for you) and press **Run**.
+4. Select this model. Weights: *Torchscript* (written for PyTorch 1.13 and newer: export admits
+   only long-standing operators, and denoiseg's tests run such files in PyTorch 1.13.1) or *ONNX*
+   (opset 17, IR version 8: what ONNX Runtime 1.13 reads); keep the default tiling (tiling is
+   allowed; the halo is handled for you) and press **Run**.
 5. The result is a {len(channel_names)}-channel image: {channels}.
 {fiji_labels}
 {fiji_3d_note}

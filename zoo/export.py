@@ -487,7 +487,9 @@ def export_package(
         put("architecture", "denoiseg_architecture.py", arch.source)
         put("state_dict", "weights.pt", weight_export.state_dict_bytes(built.net))
         _check_architecture(files["architecture"], arch, built, inference, example)
-        torchscript, how = weight_export.export_torchscript(inference, example, built.backbone_spec.name)
+        torchscript, how = weight_export.export_torchscript(
+            inference, example, built.backbone_spec.name, step=geometry.step
+        )
         put("torchscript", "weights_torchscript.pt", torchscript)
         put("onnx", "weights.onnx", weight_export.export_onnx(inference, example, built.backbone_spec.name))
 

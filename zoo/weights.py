@@ -1,11 +1,12 @@
 """Writing the three weight formats of a package and checking they run in old runtimes.
 
-* TorchScript: the plain inference network, scripted (traced only if scripting fails).
-  deepImageJ's engines wrap libtorch 1.13 to 2.0; those read TorchScript archives up to
+* TorchScript: the plain inference network, scripted (traced where scripting fails or
+  serialises operators old runtimes lack). deepImageJ's engines wrap libtorch 1.7.1 to
+  2.0 and ilastik's tiktorch similar builds; those read TorchScript archives up to
   file-format version :data:`MAX_TORCHSCRIPT_FILE_VERSION` and know only long-standing
-  operators, so both are checked.
-* ONNX: one self-contained file (no external data) at opset :data:`ONNX_OPSET`, checked
-  with ``onnx.checker``.
+  operators, so both are checked on the serialised code (what an old runtime parses).
+* ONNX: one self-contained file (no external data) at opset :data:`ONNX_OPSET` and IR
+  version <= :data:`MAX_ONNX_IR_VERSION`, checked with ``onnx.checker``.
 * PyTorch state dict: the network's weights under the keys of the generated architecture.
 """
 
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,9 +26,12 @@ from torch import nn
 
 from denoiseg_core.errors import DenoiSegError
 
-#: ONNX opset written (<= 18: the newest deepImageJ's ONNX engine takes)
+#: ONNX opset written and the newest accepted: ONNX Runtime 1.13, the newest deepImageJ
+#: (JDLL) runs, implements opset 17.
 ONNX_OPSET = 17
-MAX_ONNX_OPSET = 18
+MAX_ONNX_OPSET = 17
+#: newest ONNX IR version ONNX Runtime 1.13 reads
+MAX_ONNX_IR_VERSION = 8
 #: newest TorchScript file-format version libtorch 1.13 (and 2.0) can read
 MAX_TORCHSCRIPT_FILE_VERSION = 10
 
@@ -46,7 +52,15 @@ LONG_STANDING_TORCHSCRIPT_OPS = frozenset(
         "aten::reflection_pad2d", "aten::replication_pad2d", "aten::reflection_pad3d", "aten::replication_pad3d",
         "aten::view", "aten::reshape", "aten::permute", "aten::clamp", "aten::silu", "aten::gelu", "aten::interpolate",
         "aten::list", "aten::mul_", "aten::div", "aten::to", "aten::upsample_nearest1d", "aten::upsample_linear1d",
-        "aten::upsample_bicubic2d", "aten::_convolution", "aten::floor", "aten::ceil", "aten::__range_length", "aten::__derive_index",
+        "aten::upsample_bicubic2d", "aten::_convolution", "aten::floor", "aten::ceil", "aten::__range_length",
+        "aten::__derive_index",
+        # reshaping and reductions, all in PyTorch since 1.0
+        "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::transpose", "aten::select", "aten::narrow",
+        "aten::clone", "aten::numel", "aten::mean", "aten::sum", "aten::max", "aten::min", "aten::exp", "aten::log",
+        "aten::sqrt", "aten::abs", "aten::pow", "aten::where", "aten::matmul", "aten::linear", "aten::relu6",
+        "aten::hardtanh", "aten::prelu", "aten::log_softmax", "aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool2d",
+        "aten::adaptive_avg_pool3d", "aten::device", "aten::dtype", "aten::__contains__", "aten::_unwrap_optional",
+        "aten::str",
     }
 )
 
@@ -81,44 +95,159 @@ def _plain_copy(net: nn.Module) -> nn.Module:
     return net
 
 
-def export_torchscript(net: nn.Module, example: torch.Tensor, backbone_name: str) -> tuple[bytes, str]:
-    """Serialised TorchScript of ``net`` and how it was made ("scripted" or "traced").
+#: an operator call in TorchScript's serialised code: ``torch.NAME(`` (aten) or ``ops.NS.NAME(``
+_OP_CALL = re.compile(r"(?<![\w.])(?:torch|ops\.(\w+))\.(\w+)\(")
+_MANGLE = re.compile(r"___torch_mangle_\d+")
+_DEFINITION = re.compile(r"^(class|def) (\w+)")
+_REFERENCE = re.compile(r"__torch__\.([\w.]+)")
 
-    Scripting keeps shape-dependent logic; tracing is the fallback for networks TorchScript
-    cannot compile and is checked on a second input size.
+
+@dataclass(frozen=True)
+class SerialisedOp:
+    """An operator call found in a TorchScript archive's code and where it is."""
+
+    op: str  #: e.g. ``aten::upsample_nearest2d``
+    where: str  #: the class or function whose code calls it, e.g. ``torch.nn.functional.interpolate``
+
+
+def _plain_name(name: str) -> str:
+    """``__torch__.torch.nn.functional.___torch_mangle_16.interpolate`` -> ``torch.nn.functional.interpolate``."""
+    return ".".join(part for part in name.removeprefix("__torch__.").split(".") if not _MANGLE.fullmatch(part))
+
+
+def serialised_torchscript_code(data: bytes) -> dict[str, str]:
+    """Each top-level class or function of a TorchScript archive's code, by plain qualified name.
+
+    This is the code an old runtime parses when it loads the file: every branch of every
+    scripted function is in it, also those the network never executes.
     """
-    net = _plain_copy(net)
-    try:
-        module = torch.jit.script(net)
-        how = "scripted"
-    except Exception as script_error:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                module = torch.jit.trace(net, example, check_trace=False)
-            how = "traced"
-        except Exception as trace_error:
-            raise DenoiSegError(
-                f"backbone {backbone_name!r} cannot be exported to TorchScript: scripting failed "
-                f"({type(script_error).__name__}: {str(script_error).splitlines()[0] if str(script_error) else ''}) "
-                f"and tracing failed ({type(trace_error).__name__})"
-            ) from None
-    unknown = torchscript_op_kinds(module) - LONG_STANDING_TORCHSCRIPT_OPS
-    if unknown:
-        raise DenoiSegError(
-            f"backbone {backbone_name!r} uses TorchScript operators that old runtimes (libtorch 1.13, deepImageJ) "
-            f"may not know: {', '.join(sorted(unknown))}"
-        )
+    definitions: dict[str, str] = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for member in archive.namelist():
+            parts = member.split("/")
+            if "code" not in parts or not member.endswith(".py"):
+                continue
+            module = ".".join(parts[parts.index("code") + 1 :])[: -len(".py")]
+            current, lines = None, []
+            for line in archive.read(member).decode("utf-8").splitlines() + ["class _end"]:
+                match = _DEFINITION.match(line)
+                if match:
+                    if current is not None:
+                        definitions[current] = definitions.get(current, "") + "\n".join(lines) + "\n"
+                    current, lines = _plain_name(f"{module}.{match.group(2)}"), []
+                lines.append(line)
+    return definitions
+
+
+def serialised_torchscript_ops(data: bytes) -> list[SerialisedOp]:
+    """Every operator call in a TorchScript archive's code (``prim::`` interpreter built-ins left out)."""
+    found: set[SerialisedOp] = set()
+    for where, code in serialised_torchscript_code(data).items():
+        for namespace, name in _OP_CALL.findall(code):
+            namespace = namespace or "aten"
+            if namespace != "prim":
+                found.add(SerialisedOp(op=f"{namespace}::{name}", where=where))
+    return sorted(found, key=lambda o: (o.op, o.where))
+
+
+def _network_paths(module: torch.jit.ScriptModule, data: bytes, where: str) -> list[str]:
+    """The attribute paths of the network's submodules whose code reaches ``where`` (a class or function)."""
+    code = serialised_torchscript_code(data)
+    callers = {where}
+    while True:  # every class or function that (transitively) refers to `where`
+        more = {name for name, text in code.items() if {_plain_name(r) for r in _REFERENCE.findall(text)} & callers}
+        if more <= callers:
+            break
+        callers |= more
+    paths = []
+    for path, submodule in module.named_modules():
+        if _plain_name(submodule._c._type().qualified_name()) in callers:
+            paths.append(path or "(top level)")
+    return paths
+
+
+def old_runtime_problems(module: torch.jit.ScriptModule, data: bytes) -> list[str]:
+    """One description per operator in the archive that old runtimes may not have (empty if none)."""
+    problems = []
+    for found in serialised_torchscript_ops(data):
+        if found.op in LONG_STANDING_TORCHSCRIPT_OPS:
+            continue
+        paths = [p for p in _network_paths(module, data, found.where) if p != "(top level)"]
+        reached = f" (module {', '.join(repr(p) for p in paths[:3])})" if paths else ""
+        problems.append(f"{found.op} in {found.where}{reached}")
+    return problems
+
+
+def _serialise(module: torch.jit.ScriptModule) -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+
+
+def _trace(net: nn.Module, example: torch.Tensor, other_size: torch.Tensor) -> torch.jit.ScriptModule:
+    """A trace of ``net`` that must compute the same as ``net`` on a second input size too
+    (a trace that baked a size into its graph would fail there or differ)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        module = torch.jit.trace(net, example, check_trace=False)
+    with torch.inference_mode():
+        expected, actual = net(other_size), module(other_size)
+    if expected.shape != actual.shape or not torch.allclose(expected, actual, rtol=1e-4, atol=1e-5):
+        raise ValueError(f"the trace computes something else at input size {tuple(other_size.shape)}")
+    return module
+
+
+def export_torchscript(
+    net: nn.Module, example: torch.Tensor, backbone_name: str, step: int = 1
+) -> tuple[bytes, str]:
+    """Serialised TorchScript of ``net`` and how it was made ("scripted" or "traced").
+
+    Scripting keeps shape-dependent logic but serialises every branch of the code it
+    compiles. Where scripting fails, or serialises operators old runtimes (libtorch 1.13,
+    deepImageJ) lack, the network is traced instead (only the operators it executes), and
+    the trace is checked on an input ``step`` pixels larger per spatial axis. Either
+    result is refused unless its code uses only :data:`LONG_STANDING_TORCHSCRIPT_OPS` and
+    its file-format version is one libtorch 1.13 reads; the error names the operator and
+    the module.
+    """
+    net = _plain_copy(net)
+    other_size = torch.nn.functional.pad(example, [0, step] * (example.ndim - 2), mode="replicate")
+    attempts: list[str] = []
+    candidates: list[tuple[str, bytes, list[str]]] = []
+    for how in ("scripted", "traced"):
+        try:
+            module = torch.jit.script(net) if how == "scripted" else _trace(net, example, other_size)
+        except Exception as exc:
+            attempts.append(f"{'scripting' if how == 'scripted' else 'tracing'} failed ({_first_line(exc)})")
+            continue
+        data = _serialise(module)
+        problems = old_runtime_problems(module, data)
+        if not problems:
+            _check_file_version(data, backbone_name)
+            return data, how
+        candidates.append((how, data, problems))
+    if not candidates:
+        raise DenoiSegError(
+            f"backbone {backbone_name!r} cannot be exported to TorchScript: {' and '.join(attempts)}"
+        )
+    how, _, problems = candidates[-1]  # the trace's problems where it worked: they are what the network executes
+    raise DenoiSegError(
+        f"backbone {backbone_name!r}: its TorchScript ({how}) uses operators that old runtimes "
+        f"(libtorch 1.13, deepImageJ, ilastik) may not have: {'; '.join(problems)}"
+    )
+
+
+def _check_file_version(data: bytes, backbone_name: str) -> None:
     version = torchscript_file_version(data)
     if version > MAX_TORCHSCRIPT_FILE_VERSION:
         raise DenoiSegError(
             f"backbone {backbone_name!r}: TorchScript file-format version {version} is newer than libtorch 1.13 "
             f"reads ({MAX_TORCHSCRIPT_FILE_VERSION}); an operator with a newer schema is used"
         )
-    return data, how
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor, backbone_name: str, opset: int = ONNX_OPSET) -> bytes:
@@ -149,7 +278,8 @@ def export_onnx(net: nn.Module, example: torch.Tensor, backbone_name: str, opset
 
 
 def check_onnx(data: bytes, what: str) -> None:
-    """One-line error unless ``data`` is a valid, self-contained ONNX model at opset <= 18."""
+    """One-line error unless ``data`` is a valid, self-contained ONNX model that ONNX Runtime
+    1.13 (deepImageJ) reads: opset <= :data:`MAX_ONNX_OPSET`, IR version <= :data:`MAX_ONNX_IR_VERSION`."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -160,7 +290,16 @@ def check_onnx(data: bytes, what: str) -> None:
         raise DenoiSegError(f"{what}: exported ONNX model is invalid ({str(exc).splitlines()[0]})") from None
     opsets = [entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")]
     if not opsets or max(opsets) > MAX_ONNX_OPSET:
-        raise DenoiSegError(f"{what}: ONNX opset {opsets} is newer than {MAX_ONNX_OPSET}")
+        raise DenoiSegError(
+            f"{what}: ONNX opset {max(opsets, default=None)} is newer than {MAX_ONNX_OPSET} (ONNX Runtime 1.13, deepImageJ)"
+        )
+    others = sorted({entry.domain for entry in model.opset_import if entry.domain not in ("", "ai.onnx")})
+    if others:
+        raise DenoiSegError(f"{what}: ONNX model uses operators outside the standard domain ({', '.join(others)})")
+    if model.ir_version > MAX_ONNX_IR_VERSION:
+        raise DenoiSegError(
+            f"{what}: ONNX IR version {model.ir_version} is newer than {MAX_ONNX_IR_VERSION} (ONNX Runtime 1.13, deepImageJ)"
+        )
     if any(uses_external_data(tensor) for tensor in model.graph.initializer):
         raise DenoiSegError(f"{what}: ONNX model refers to external data; it must be one file")
 
