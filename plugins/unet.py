@@ -42,9 +42,24 @@ def unet_architecture_kwargs(params: UNetParams, ndim: int, in_channels: int, ou
     }
 
 
-def build_unet(params: UNetParams, *, ndim: int, in_channels: int, out_channels: int) -> nn.Module:
+class PlainUNetParams(UNetParams):
+    """Parameters of the ``unet`` backbone: the family's, plus the original network's shape."""
+
+    halve_second_conv: bool = Field(
+        False,
+        description="the original CSBDeep/DenoiSeg U-Net shape: the second convolution of the bottleneck and decoder "
+        "blocks has the channels of the level above (5.50 M instead of 7.85 M parameters at depth 4 / 32 filters)",
+    )
+
+
+def plain_unet_kwargs(params: PlainUNetParams, ndim: int, in_channels: int, out_channels: int) -> dict:
+    """Constructor arguments of :class:`unet_arch.UNet`."""
+    return {**unet_architecture_kwargs(params, ndim, in_channels, out_channels), "halve_second_conv": params.halve_second_conv}
+
+
+def build_unet(params: PlainUNetParams, *, ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     """The U-Net for ``ndim``-D images with the given channel counts."""
-    return unet_arch.UNet(**unet_architecture_kwargs(params, ndim, in_channels, out_channels))
+    return unet_arch.UNet(**plain_unet_kwargs(params, ndim, in_channels, out_channels))
 
 
 @hookimpl
@@ -52,7 +67,7 @@ def denoiseg_register_backbones() -> list[BackboneSpec]:
     return [
         BackboneSpec(
             name="unet",
-            params=UNetParams,
+            params=PlainUNetParams,
             build=build_unet,
             size_divisor=lambda p: 2**p.depth,
             halo=lambda p: unet_arch.unet_halo(p.depth, p.kernel_size),
@@ -60,7 +75,7 @@ def denoiseg_register_backbones() -> list[BackboneSpec]:
             architecture=ArchitectureSource(
                 file=Path(unet_arch.__file__),
                 callable_name="UNet",
-                kwargs=unet_architecture_kwargs,
+                kwargs=plain_unet_kwargs,
             ),
         )
     ]

@@ -22,17 +22,20 @@ def _conv(ndim: int, in_channels: int, out_channels: int, kernel_size: int) -> n
 
 
 class _ConvBlock(nn.Sequential):
-    """Two ``kernel_size`` convolutions, each followed by (batch norm and) ReLU."""
+    """Two ``kernel_size`` convolutions, each followed by (batch norm and) ReLU; the second
+    one has ``second_channels`` outputs (default: ``out_channels``)."""
 
-    def __init__(self, ndim: int, in_channels: int, out_channels: int, kernel_size: int, batch_norm: bool):
+    def __init__(
+        self, ndim: int, in_channels: int, out_channels: int, kernel_size: int, batch_norm: bool, second_channels: int = 0
+    ):
         layers: List[nn.Module] = []
         channels = in_channels
-        for _ in range(2):
-            layers.append(_conv(ndim, channels, out_channels, kernel_size))
+        for width in (out_channels, second_channels or out_channels):
+            layers.append(_conv(ndim, channels, width, kernel_size))
             if batch_norm:
-                layers.append(nn.BatchNorm2d(out_channels) if ndim == 2 else nn.BatchNorm3d(out_channels))
+                layers.append(nn.BatchNorm2d(width) if ndim == 2 else nn.BatchNorm3d(width))
             layers.append(nn.ReLU(inplace=True))
-            channels = out_channels
+            channels = width
         super().__init__(*layers)
 
 
@@ -64,6 +67,11 @@ class UNet(nn.Module):
     ``first_filters * 2**depth``. Decoder levels upsample (nearest, factor 2),
     concatenate the encoder features of the same level and apply two convolutions.
     A final 1x1 convolution produces ``out_channels`` (no activation).
+
+    ``halve_second_conv``: the shape of the original CSBDeep U-Net that DenoiSeg used: the
+    second convolution of the bottleneck and of each decoder level below the top has the
+    channels of the level above it (fewer parameters and FLOPs; 5.50 M instead of 7.85 M
+    parameters at depth 4 with 32 filters).
     """
 
     def __init__(
@@ -75,6 +83,7 @@ class UNet(nn.Module):
         first_filters: int = 32,
         kernel_size: int = 3,
         batch_norm: bool = True,
+        halve_second_conv: bool = False,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -93,15 +102,18 @@ class UNet(nn.Module):
             self.encoders.append(_ConvBlock(ndim, channels, filters[level], kernel_size, batch_norm))
             channels = filters[level]
         self.pool = nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2)
-        self.bottleneck = _ConvBlock(ndim, channels, filters[depth], kernel_size, batch_norm)
+        up_channels = filters[depth - 1] if halve_second_conv else filters[depth]
+        self.bottleneck = _ConvBlock(ndim, channels, filters[depth], kernel_size, batch_norm, up_channels)
         self.upsample = _NearestUpsample2x()
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
+            second = filters[max(0, level - 1)] if halve_second_conv else filters[level]
             self.decoders.append(
-                _ConvBlock(ndim, filters[level + 1] + filters[level], filters[level], kernel_size, batch_norm)
+                _ConvBlock(ndim, up_channels + filters[level], filters[level], kernel_size, batch_norm, second)
             )
+            up_channels = second
         conv_cls = nn.Conv2d if ndim == 2 else nn.Conv3d
-        self.output = conv_cls(filters[0], out_channels, 1)
+        self.output = conv_cls(up_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: List[torch.Tensor] = []

@@ -131,3 +131,17 @@ def test_params_reject_invalid(bad):
 def test_params_defaults_are_the_paper_settings():
     assert UNetParams() == UNetParams(depth=4, first_filters=32, kernel_size=3, batch_norm=True)
     assert all(field.description for field in UNetParams.model_fields.values())
+
+
+def test_halved_second_convolution_is_the_original_shape(registry):
+    """``halve_second_conv``: the CSBDeep/DenoiSeg U-Net's channel counts (5.50 M parameters at depth 4 / 32
+    filters, against 7.85 M), same halo, and it passes the same conformance checks as the default shape."""
+    from denoiseg_core.testing import check_backbone
+
+    counts = {halve: sum(p.numel() for p in UNet(2, 1, 4, 4, 32, halve_second_conv=halve).parameters())
+              for halve in (False, True)}
+    assert counts == {False: 7_852_068, True: 5_500_548}
+    net = UNet(2, 1, 4, depth=2, first_filters=8, halve_second_conv=True)
+    assert net.bottleneck[-3].out_channels == 16 and net.decoders[0][-3].out_channels == 8
+    assert net.decoders[-1][-3].out_channels == 8 and net.output.in_channels == 8
+    check_backbone("unet", params={"depth": 2, "first_filters": 8, "halve_second_conv": True}, registry=registry)
