@@ -323,11 +323,13 @@ class Trainer:
         if saved.model != self.config.model:
             raise ConfigError(f"{path}: the model settings differ from the run being resumed; resume with the run's own config")
         ts = state["training_state"]
-        if self.ema is not None:
+        if self.ema is not None and ts.get("ema_state") is not None:
             self.net.load_state_dict(ts["student_state"])
             self.ema.load_state_dict(ts["ema_state"])
-        else:
+        else:  # also a run saved before it kept a moving average: the average starts from these weights
             self.net.load_state_dict(state["model_state"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.net.state_dict())
         self.normalization = Normalization(**state["normalization"])
         self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
