@@ -1,0 +1,644 @@
+"""The dock widgets: Train, Predict (with the threshold slider and "copy to annotations") and Export.
+
+Long work runs in napari worker threads, so the viewer stays responsive. A user's mistake
+(:class:`~denoiseg_core.errors.DenoiSegError`) is caught inside the worker and shown in
+napari's notification area as the one line the CLI prints (``error: ...``); napari would
+otherwise show every worker exception with its traceback, which is kept for real bugs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from denoiseg_core.errors import DenoiSegError
+
+from denoiseg_napari.layer_data import AXES_CHOICES, ImageLayer, default_axes, parse_patch_size, spatial_ndim
+
+if TYPE_CHECKING:
+    import napari
+
+#: the run trained most recently in this session: Predict and Export start from it
+_recent_run: dict[str, Path] = {}
+
+
+@dataclass
+class UserFailure:
+    """A worker's DenoiSegError, carried back to the main thread as a result."""
+
+    message: str
+
+
+def _catching_user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except DenoiSegError as exc:
+            return UserFailure(f"error: {exc}")
+
+    return run
+
+
+def notify_user_error(message: str) -> None:
+    """The CLI's one-line message in napari's notification area (no traceback)."""
+    show_error(message)
+
+
+def _run_in_thread(function: Callable[..., Any], *args, on_done: Callable[[Any], None], on_finished: Callable[[], None], **kwargs):
+    worker = create_worker(_catching_user_errors(function), *args, _start_thread=False, **kwargs)
+
+    def returned(value: Any) -> None:
+        if isinstance(value, UserFailure):
+            notify_user_error(value.message)
+        else:
+            on_done(value)
+
+    worker.returned.connect(returned)
+    worker.finished.connect(on_finished)
+    worker.start()
+    return worker
+
+
+class LayerChoice(QComboBox):
+    """The viewer's layers of one type, kept up to date (optionally with a 'none' entry)."""
+
+    def __init__(self, viewer: napari.Viewer, kind: type, optional: bool = False):
+        super().__init__()
+        self.viewer, self.kind, self.optional = viewer, kind, optional
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
+            event.connect(self.refresh)
+        self.refresh()
+
+    def refresh(self, *_event) -> None:
+        current = self.currentText()
+        self.clear()
+        if self.optional:
+            self.addItem("none")
+        self.addItems([layer.name for layer in self.viewer.layers if isinstance(layer, self.kind)])
+        if current and self.findText(current) >= 0:
+            self.setCurrentText(current)
+
+    def layer(self):
+        name = self.currentText()
+        if not name or name == "none" or name not in self.viewer.layers:
+            return None
+        return self.viewer.layers[name]
+
+
+def _axes_box() -> QComboBox:
+    box = QComboBox()
+    box.addItems(AXES_CHOICES)
+    box.setToolTip("S: a stack of separate images; Z: the depth of a 3-D image")
+    return box
+
+
+def _path_row(edit: QLineEdit, directory: bool, save: bool = False, filter_: str = "") -> QWidget:
+    row = QWidget()
+    layout = QHBoxLayout(row)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(edit)
+    button = QPushButton("...")
+    button.setMaximumWidth(30)
+
+    def browse() -> None:
+        if directory:
+            chosen = QFileDialog.getExistingDirectory(row, "Choose a folder", edit.text())
+        elif save:
+            chosen, _ = QFileDialog.getSaveFileName(row, "Save as", edit.text(), filter_)
+        else:
+            chosen, _ = QFileDialog.getOpenFileName(row, "Choose a file", edit.text(), filter_)
+        if chosen:
+            edit.setText(chosen)
+
+    button.clicked.connect(browse)
+    layout.addWidget(button)
+    return row
+
+
+def _image_data(layer, what: str) -> np.ndarray:
+    if getattr(layer, "rgb", False):
+        raise DenoiSegError(f"layer {layer.name!r} is RGB; DenoiSeg works on single-channel images")
+    if getattr(layer, "multiscale", False):
+        raise DenoiSegError(f"layer {layer.name!r} is multiscale; open a single-resolution image for {what}")
+    return np.array(layer.data)  # a copy: the user may keep painting while the worker reads it
+
+
+class _TrainingSignals(QObject):
+    """Carries the trainer's callbacks from the worker thread into the main thread."""
+
+    step = Signal(int, int, float)
+    epoch = Signal(object)
+    message = Signal(str)
+
+
+class TrainWidget(QWidget):
+    """Pick image layers and an annotation layer, a recipe and a few overrides; Train / Stop / Continue."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        from denoiseg_core.plugin_manager import get_registry
+
+        from denoiseg_napari.training_run import RECIPES
+
+        self.viewer = napari_viewer
+        self.images = QListWidget()
+        self.images.setMaximumHeight(90)
+        self.images.setToolTip("image layers to train on (all are denoised; the annotated one is also segmented)")
+        self.axes = _axes_box()
+        self.annotations = LayerChoice(napari_viewer, Labels)
+        self.annotations.setToolTip("paint every nucleus of an image (slice); unpainted images (slices) are unlabelled")
+        self.recipe = QComboBox()
+        self.recipe.addItems([*RECIPES, "config file"])
+        self.recipe.setToolTip("quick: the demo's small U-Net and short schedule; paper: the paper's settings")
+        self.config_file = QLineEdit()
+        self.epochs = QSpinBox(minimum=1, maximum=100000, value=12)
+        self.steps = QSpinBox(minimum=0, maximum=100000, value=0, specialValueText="recipe's")
+        self.batch = QSpinBox(minimum=0, maximum=4096, value=0, specialValueText="recipe's")
+        self.patch = QLineEdit("64")
+        self.patch.setToolTip("patch edge (64) or one per axis (16,64,64); empty: the recipe's")
+        self.backbone = QComboBox()
+        self.backbone.addItems(["recipe's", *get_registry().names("backbone")])
+        self.run_dir = QLineEdit(str(Path.home() / "denoiseg-runs" / time.strftime("run-%Y%m%d-%H%M%S")))
+        self.train_button, self.stop_button, self.continue_button = QPushButton("Train"), QPushButton("Stop"), QPushButton("Continue")
+        self.stop_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.2, 2.4), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(180)
+        self.history: list[dict] = []
+
+        form = QFormLayout()
+        form.addRow("image layers", self.images)
+        form.addRow("axes", self.axes)
+        form.addRow("annotations", self.annotations)
+        form.addRow("recipe", self.recipe)
+        form.addRow("config file", _path_row(self.config_file, directory=False, filter_="YAML (*.yaml *.yml)"))
+        form.addRow("epochs", self.epochs)
+        form.addRow("steps per epoch", self.steps)
+        form.addRow("batch size", self.batch)
+        form.addRow("patch size", self.patch)
+        form.addRow("backbone", self.backbone)
+        form.addRow("run folder", _path_row(self.run_dir, directory=True))
+        buttons = QHBoxLayout()
+        for button in (self.train_button, self.stop_button, self.continue_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.canvas)
+        layout.addStretch()
+
+        self.signals = _TrainingSignals()
+        self.signals.step.connect(self._on_step)
+        self.signals.epoch.connect(self._on_epoch)
+        self.signals.message.connect(self.status.setText)
+        self.stop_event = threading.Event()
+        self.worker = None
+        self.outcome = None
+        self.train_button.clicked.connect(lambda: self.start(resume=False))
+        self.continue_button.clicked.connect(lambda: self.start(resume=True))
+        self.stop_button.clicked.connect(self.stop)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._refresh_images)
+        self._refresh_images()
+        self._draw_curves()
+
+    # ---------------------------------------------------------------- layers
+    def _refresh_images(self, *_event) -> None:
+        checked = set(self.selected_image_names())
+        self.images.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image):
+                item = QListWidgetItem(layer.name)
+                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                item.setCheckState(Qt.Checked if (layer.name in checked or not checked) else Qt.Unchecked)
+                self.images.addItem(item)
+        first = next((layer for layer in self.viewer.layers if isinstance(layer, Image)), None)
+        if first is not None and not checked:
+            self.axes.setCurrentText(default_axes(first.ndim))
+
+    def selected_image_names(self) -> list[str]:
+        return [
+            self.images.item(i).text() for i in range(self.images.count()) if self.images.item(i).checkState() == Qt.Checked
+        ]
+
+    # ---------------------------------------------------------------- training
+    def request(self):
+        from denoiseg_napari.training_run import TrainingRequest
+
+        recipe = self.recipe.currentText()
+        axes = self.axes.currentText()
+        return TrainingRequest(
+            run_dir=Path(self.run_dir.text()).expanduser(),
+            recipe="file" if recipe == "config file" else recipe,
+            config_file=Path(self.config_file.text()).expanduser() if self.config_file.text().strip() else None,
+            epochs=self.epochs.value(),
+            steps_per_epoch=self.steps.value() or None,
+            batch_size=self.batch.value() or None,
+            patch_size=parse_patch_size(self.patch.text(), spatial_ndim(axes)) if self.patch.text().strip() else None,
+            backbone=None if self.backbone.currentText() == "recipe's" else self.backbone.currentText(),
+        )
+
+    def start(self, resume: bool) -> None:
+        """Train a new run, or continue the run folder's run with the current annotations."""
+        from denoiseg_napari.training_run import TrainingCallbacks, run_training
+
+        try:
+            names = self.selected_image_names()
+            if not names:
+                raise DenoiSegError("choose at least one image layer to train on")
+            axes = self.axes.currentText()
+            layers = [ImageLayer(name, _image_data(self.viewer.layers[name], "training"), axes) for name in names]
+            annotation_layer = self.annotations.layer()
+            if annotation_layer is None:
+                raise DenoiSegError("choose a Labels layer with painted nuclei (or add one: Layers > New Labels layer)")
+            annotations = np.array(annotation_layer.data)
+            request = self.request()
+        except DenoiSegError as exc:
+            notify_user_error(f"error: {exc}")
+            return
+        if not resume:
+            self.history = []
+            self._draw_curves()
+        self.stop_event.clear()
+        callbacks = TrainingCallbacks(
+            step=self.signals.step.emit, epoch=self.signals.epoch.emit, message=self.signals.message.emit
+        )
+        self._set_running(True)
+        self.status.setText("preparing the data and the model...")
+        self.worker = _run_in_thread(
+            run_training,
+            request,
+            layers,
+            annotations,
+            resume=resume,
+            callbacks=callbacks,
+            stop=self.stop_event,
+            on_done=self._on_done,
+            on_finished=lambda: self._set_running(False),
+        )
+
+    def stop(self) -> None:
+        """Stop at the next step; the run keeps its last finished epoch (Continue resumes it)."""
+        self.stop_event.set()
+        self.status.setText("stopping after the current step...")
+
+    def _set_running(self, running: bool) -> None:
+        self.train_button.setEnabled(not running)
+        self.continue_button.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+
+    def _on_step(self, done: int, total: int, loss: float) -> None:
+        self.progress.setMaximum(total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"%v/%m steps  loss {loss:.4f}")
+
+    def _on_epoch(self, values: dict) -> None:
+        self.history = [h for h in self.history if h["epoch"] < values["epoch"]] + [values]
+        self._draw_curves()
+        self.status.setText(
+            f"epoch {int(values['epoch'])}: train loss {values['train_loss']:.4f}, "
+            f"validation loss {values['val_loss']:.4f}, validation AP@0.5 {values['val_ap50']:.3f}"
+        )
+
+    def _draw_curves(self) -> None:
+        self.figure.clear()
+        loss_axes = self.figure.add_subplot(111)
+        epochs = [h["epoch"] for h in self.history]
+        loss_axes.plot(epochs, [h["train_loss"] for h in self.history], "o-", label="train loss", markersize=3)
+        loss_axes.plot(epochs, [h["val_loss"] for h in self.history], "o-", label="val loss", markersize=3)
+        loss_axes.set_xlabel("epoch")
+        loss_axes.set_ylabel("loss")
+        ap_axes = loss_axes.twinx()
+        ap_axes.plot(epochs, [h["val_ap50"] for h in self.history], "s--", color="tab:green", label="val AP@0.5", markersize=3)
+        ap_axes.set_ylim(0, 1)
+        ap_axes.set_ylabel("AP@0.5")
+        handles = loss_axes.get_legend_handles_labels()[0] + ap_axes.get_legend_handles_labels()[0]
+        loss_axes.legend(handles, [h.get_label() for h in handles], fontsize="x-small", loc="upper right")
+        self.canvas.draw_idle()
+
+    def _on_done(self, outcome) -> None:
+        self.outcome = outcome
+        _recent_run["run"] = outcome.run_dir
+        if outcome.finished:
+            threshold = f", foreground threshold {outcome.threshold:.2f}" if outcome.threshold is not None else ""
+            self.status.setText(f"finished {outcome.epochs_done} epochs{threshold}: {outcome.run_dir}")
+            show_info(f"DenoiSeg training finished: {outcome.run_dir}")
+        else:
+            self.status.setText(f"stopped; {outcome.epochs_done} epochs saved in {outcome.run_dir} (Continue resumes)")
+
+
+class _ProgressSignal(QObject):
+    changed = Signal(int, int)
+
+
+class PredictWidget(QWidget):
+    """A run or package on a layer: denoised, probabilities and labels layers; live threshold."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.source = QLineEdit(str(_recent_run.get("run", "")))
+        self.source.setToolTip("a run folder (its best.pt), a .pt checkpoint, or a bioimage.io package .zip")
+        self.layer = LayerChoice(napari_viewer, Image)
+        self.layer.currentTextChanged.connect(self._default_axes)
+        self.axes = _axes_box()
+        self.with_probabilities = QCheckBox("add a probabilities layer")
+        self.predict_button = QPushButton("Predict")
+        self.progress = QProgressBar()
+        self.threshold = QSlider(Qt.Horizontal)
+        self.threshold.setRange(1, 99)
+        self.threshold.setEnabled(False)
+        self.threshold_label = QLabel("threshold -")
+        self.annotations = LayerChoice(napari_viewer, Labels)
+        self.copy_button = QPushButton("Copy labels into annotations (current image)")
+        self.copy_button.setEnabled(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("model", _path_row(self.source, directory=False, filter_="Models (*.pt *.zip)"))
+        form.addRow("layer", self.layer)
+        form.addRow("axes", self.axes)
+        form.addRow("", self.with_probabilities)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.predict_button)
+        layout.addWidget(self.progress)
+        threshold_row = QHBoxLayout()
+        threshold_row.addWidget(self.threshold_label)
+        threshold_row.addWidget(self.threshold)
+        layout.addLayout(threshold_row)
+        correction = QFormLayout()
+        correction.addRow("annotations", self.annotations)
+        layout.addLayout(correction)
+        layout.addWidget(self.copy_button)
+        layout.addWidget(self.status)
+        layout.addStretch()
+
+        self.progress_signal = _ProgressSignal()
+        self.progress_signal.changed.connect(self._on_progress)
+        self.predict_button.clicked.connect(self.predict)
+        self.threshold.valueChanged.connect(self._on_threshold)
+        self.copy_button.clicked.connect(self.copy_to_annotations)
+        self.predictor = None
+        self.result = None
+        self.result_axes = ""
+        self.labels_layer: Labels | None = None
+        self.worker = None
+        self._default_axes()
+
+    def _default_axes(self, *_args) -> None:
+        layer = self.layer.layer()
+        if layer is not None:
+            self.axes.setCurrentText(default_axes(layer.ndim))
+
+    def predict(self) -> None:
+        from denoiseg_napari.predictor import load_predictor, predict_layer
+
+        try:
+            layer = self.layer.layer()
+            if layer is None:
+                raise DenoiSegError("choose an image layer to predict")
+            if not self.source.text().strip():
+                raise DenoiSegError("choose a model: a run folder, a .pt checkpoint or a bioimage.io .zip")
+            data = _image_data(layer, "prediction")
+        except DenoiSegError as exc:
+            notify_user_error(f"error: {exc}")
+            return
+        source, name, axes = Path(self.source.text()).expanduser(), layer.name, self.axes.currentText()
+        emit = self.progress_signal.changed.emit
+
+        def work():
+            predictor = load_predictor(source)
+            return predictor, predict_layer(predictor, name, data, axes, emit)
+
+        self.predict_button.setEnabled(False)
+        self.status.setText("predicting...")
+        self.worker = _run_in_thread(
+            work,
+            on_done=lambda value: self._show(name, axes, layer.scale, *value),
+            on_finished=lambda: self.predict_button.setEnabled(True),
+        )
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.setMaximum(max(total, 1))
+        self.progress.setValue(done)
+
+    def _put(self, name: str, data: np.ndarray, kind: str, **kwargs):
+        """Add a layer, or replace the data of the one of that name (predicting again)."""
+        if name in self.viewer.layers and isinstance(self.viewer.layers[name], Labels if kind == "labels" else Image):
+            layer = self.viewer.layers[name]
+            layer.data = data
+            return layer
+        add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
+        return add(data, name=name, **kwargs)
+
+    def _show(self, name: str, axes: str, scale, predictor, result) -> None:
+        self.predictor, self.result, self.result_axes = predictor, result, axes
+        for key, output in result.outputs.items():  # a package not made by denoiseg
+            self._put(f"{name} {key}", output, "image")
+        if result.denoised is not None:
+            self._put(f"{name} denoised", result.denoised, "image", scale=scale)
+        if result.probabilities is not None and self.with_probabilities.isChecked():
+            self._put(f"{name} probabilities", result.probabilities, "image", colormap="magma")
+        if result.labels is not None:
+            self.labels_layer = self._put(f"{name} labels", result.labels, "labels", scale=scale)
+            self.threshold.blockSignals(True)
+            self.threshold.setValue(round(result.threshold * 100))
+            self.threshold.blockSignals(False)
+            self.threshold_label.setText(f"threshold {result.threshold:.2f}")
+            self.threshold.setEnabled(True)
+            self.copy_button.setEnabled(True)
+            self.status.setText(f"{int(result.labels.max())} nuclei in the current view's layer at threshold {result.threshold:.2f}")
+        else:
+            self.status.setText("done (this package gives no instance labels)")
+
+    def _on_threshold(self, value: int) -> None:
+        """Instances again from the stored probabilities (no network pass)."""
+        from denoiseg_napari.predictor import relabel
+
+        if self.result is None or self.result.probabilities is None or self.labels_layer is None:
+            return
+        threshold = value / 100
+        self.result.labels = relabel(self.predictor, self.result.probabilities, self.result_axes, threshold)
+        self.result.threshold = threshold
+        self.labels_layer.data = self.result.labels
+        self.threshold_label.setText(f"threshold {threshold:.2f}")
+
+    def copy_to_annotations(self) -> None:
+        """Put the predicted labels of the image on screen into the annotation layer, to be
+        corrected with napari's label tools and trained on (Continue in the Train widget)."""
+        try:
+            if self.result is None or self.result.labels is None:
+                raise DenoiSegError("predict first")
+            labels = self.result.labels
+            target = self.annotations.layer()
+            if target is None:
+                target = self.viewer.add_labels(np.zeros(labels.shape, np.int32), name="annotations")
+                self.annotations.setCurrentText(target.name)
+            if tuple(target.data.shape) != labels.shape:
+                raise DenoiSegError(f"annotation layer {target.name!r} has shape {tuple(target.data.shape)}, the labels {labels.shape}")
+            data = np.array(target.data)
+            if self.result_axes.startswith("S"):
+                index = int(self.viewer.dims.current_step[self.viewer.dims.ndim - len(self.result_axes)])
+                data[index] = labels[index]
+                where = f"image {index}"
+            else:
+                data[...] = labels
+                where = "the image"
+            target.data = data
+            self.status.setText(f"copied the labels of {where} into {target.name!r}: correct them, then Continue training")
+        except DenoiSegError as exc:
+            notify_user_error(f"error: {exc}")
+
+
+class ExportWidget(QWidget):
+    """``denoiseg zoo export`` from the viewer: a tested bioimage.io package."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        recent = _recent_run.get("run")
+        self.source = QLineEdit(str(recent or ""))
+        self.out = QLineEdit(str(recent / "denoiseg-model.zip") if recent else "")
+        self.name = QLineEdit("DenoiSeg nuclei model")
+        self.authors = QLineEdit("")
+        self.authors.setToolTip("comma-separated author names")
+        self.license = QLineEdit("CC-BY-4.0")
+        self.sample = LayerChoice(napari_viewer, Image, optional=True)
+        self.sample.setToolTip("sample image for the package's test tensors and cover (the image on screen)")
+        self.sample_axes = _axes_box()
+        self.sample.currentTextChanged.connect(self._default_axes)
+        self.mask = LayerChoice(napari_viewer, Labels, optional=True)
+        self.mask.setToolTip("the sample's instance labels, to report AP and SEG in the package README")
+        self.overwrite = QCheckBox("replace an existing package")
+        self.export_button = QPushButton("Export")
+        self.result_text = QPlainTextEdit()
+        self.result_text.setReadOnly(True)
+        self.result_text.setMinimumHeight(140)
+
+        form = QFormLayout()
+        form.addRow("model", _path_row(self.source, directory=False, filter_="Checkpoints (*.pt)"))
+        form.addRow("package", _path_row(self.out, directory=False, save=True, filter_="bioimage.io package (*.zip)"))
+        form.addRow("name", self.name)
+        form.addRow("authors", self.authors)
+        form.addRow("license", self.license)
+        form.addRow("sample", self.sample)
+        form.addRow("sample axes", self.sample_axes)
+        form.addRow("sample labels", self.mask)
+        form.addRow("", self.overwrite)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.export_button)
+        layout.addWidget(self.result_text)
+        self.log_signal = _LogSignal()
+        self.log_signal.line.connect(self.result_text.appendPlainText)
+        self.export_button.clicked.connect(self.export)
+        self.worker = None
+        self.result = None
+        self._default_axes()
+
+    def _default_axes(self, *_args) -> None:
+        layer = self.sample.layer()
+        if layer is not None:
+            self.sample_axes.setCurrentText(default_axes(layer.ndim))
+
+    def _on_screen(self, layer, axes: str) -> np.ndarray:
+        """The layer's image (slice) currently shown."""
+        data = _image_data(layer, "the sample")
+        if axes.startswith("S"):
+            index = int(self.viewer.dims.current_step[self.viewer.dims.ndim - len(axes)])
+            return data[min(index, data.shape[0] - 1)]
+        return data
+
+    def export(self) -> None:
+        from denoiseg_core.io import write_tiff
+        from denoiseg_zoo.export import ExportOptions, export_package
+        from denoiseg_zoo.runtime import format_summary
+
+        try:
+            if not self.source.text().strip() or not self.out.text().strip():
+                raise DenoiSegError("choose the model (run folder or .pt) and where to write the package (.zip)")
+            source = Path(self.source.text()).expanduser()
+            out = Path(self.out.text()).expanduser()
+            axes = self.sample_axes.currentText()
+            sample = self.sample.layer()
+            mask = self.mask.layer()
+            sample_data = self._on_screen(sample, axes) if sample is not None else None
+            mask_data = self._on_screen(mask, axes) if (mask is not None and sample is not None) else None
+            if mask_data is not None and not mask_data.any():
+                mask_data = None  # an unpainted image has no labels to score against
+            options = dict(
+                name=self.name.text().strip() or None,
+                authors=[a.strip() for a in self.authors.text().split(",") if a.strip()],
+                license=self.license.text().strip() or "CC-BY-4.0",
+                overwrite=self.overwrite.isChecked(),
+            )
+        except DenoiSegError as exc:
+            notify_user_error(f"error: {exc}")
+            return
+        log = self.log_signal.line.emit
+
+        def work():
+            with tempfile.TemporaryDirectory(prefix="denoiseg-napari-export-") as tmp:
+                samples, masks = [], []
+                if sample_data is not None:
+                    samples.append(Path(tmp) / "sample.tif")
+                    write_tiff(samples[0], sample_data)
+                    if mask_data is not None:
+                        masks.append(Path(tmp) / "sample_mask.tif")
+                        write_tiff(masks[0], mask_data.astype(np.int32))
+                result = export_package(source, out, ExportOptions(samples=samples, masks=masks, **options), log=log)
+            return result, format_summary(result.summary)
+
+        self.result_text.clear()
+        self.export_button.setEnabled(False)
+        self.worker = _run_in_thread(work, on_done=self._on_done, on_finished=lambda: self.export_button.setEnabled(True))
+
+    def _on_done(self, value) -> None:
+        self.result, summary = value
+        self.result_text.appendPlainText(summary)
+        self.result_text.appendPlainText(f"package written and tested: {self.result.path}")
+        show_info(f"bioimage.io package written and tested: {self.result.path}")
+
+
+class _LogSignal(QObject):
+    line = Signal(str)
