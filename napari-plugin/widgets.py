@@ -478,7 +478,8 @@ class PredictWidget(QWidget):
         if result.denoised is not None:
             self._put(f"{name} denoised", result.denoised, "image", scale=scale)
         if result.probabilities is not None and self.with_probabilities.isChecked():
-            self._put(f"{name} probabilities", result.probabilities, "image", colormap="magma")
+            # classes first (background, foreground, border): hidden so the labels show over the denoised image
+            self._put(f"{name} probabilities", result.probabilities, "image", colormap="magma", visible=False)
         if result.labels is not None:
             self.labels_layer = self._put(f"{name} labels", result.labels, "labels", scale=scale)
             self.threshold.blockSignals(True)
@@ -487,9 +488,16 @@ class PredictWidget(QWidget):
             self.threshold_label.setText(f"threshold {result.threshold:.2f}")
             self.threshold.setEnabled(True)
             self.copy_button.setEnabled(True)
-            self.status.setText(f"{int(result.labels.max())} nuclei in the current view's layer at threshold {result.threshold:.2f}")
+            self.status.setText(self._count_text(result))
         else:
             self.status.setText("done (this package gives no instance labels)")
+
+    def _count_text(self, result) -> str:
+        from denoiseg_napari.layer_data import split_images
+
+        counts = [len(np.unique(labels)) - 1 for labels in split_images("labels", result.labels, self.result_axes)]
+        where = f"{len(counts)} images" if len(counts) > 1 else "the image"
+        return f"{sum(counts)} nuclei in {where} at threshold {result.threshold:.2f}"
 
     def _on_threshold(self, value: int) -> None:
         """Instances again from the stored probabilities (no network pass)."""
@@ -502,6 +510,7 @@ class PredictWidget(QWidget):
         self.result.threshold = threshold
         self.labels_layer.data = self.result.labels
         self.threshold_label.setText(f"threshold {threshold:.2f}")
+        self.status.setText(self._count_text(self.result))
 
     def copy_to_annotations(self) -> None:
         """Put the predicted labels of the image on screen into the annotation layer, to be
