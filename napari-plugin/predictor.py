@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from denoiseg_core.errors import DataError, DenoiSegError
-from denoiseg_core.prediction import choose_tile, predict_array, tile_plan
+from denoiseg_core.prediction import choose_tile, predict_array, resolve_device, tile_plan
 
 from denoiseg_napari.layer_data import split_images, spatial_ndim, stack_like
 
@@ -55,8 +55,12 @@ class _CountingNet(nn.Module):
 class RunPredictor:
     """A denoiseg checkpoint: a run folder (its ``best.pt``) or a ``.pt`` file."""
 
-    def __init__(self, source: Path):
+    def __init__(self, source: Path, tile: Sequence[int] | None = None):
+        """``tile``: tile size; None tiles as ``denoiseg predict`` does (whole up to 1024x1024
+        pixels, device-sized tiles above)."""
         from denoiseg_core.checkpoint import load_checkpoint
+
+        self.tile = tile
 
         source = Path(source)
         checkpoint = source / "best.pt" if source.is_dir() else source
@@ -70,7 +74,7 @@ class RunPredictor:
 
     def tiles(self, spatial: Sequence[int]) -> int:
         built = self.model.built
-        tile = choose_tile(None, spatial, built.size_divisor, built.halo, device=torch.device("cpu"))
+        tile = choose_tile(self.tile, spatial, built.size_divisor, built.halo, device=resolve_device("auto"))
         return len(tile_plan(spatial, tile, built.halo, built.size_divisor))
 
     def predict(self, image: np.ndarray, on_tiles: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,15 +83,14 @@ class RunPredictor:
         extra = (1,) * model.ndim
         mean = np.asarray(model.normalization.mean, np.float32).reshape(-1, *extra)
         std = np.asarray(model.normalization.std, np.float32).reshape(-1, *extra)
-        spatial = image.shape
-        tile = choose_tile(None, spatial, built.size_divisor, built.halo, device=torch.device("cpu"))
+        tile = choose_tile(self.tile, image.shape, built.size_divisor, built.halo, device=resolve_device("auto"))
         output = predict_array(
             _CountingNet(model.inference_net(), on_tiles).eval(),
             np.asarray(image)[None],
             divisor=built.size_divisor,
             halo=built.halo,
             tile=tile,
-            device="cpu" if not torch.cuda.is_available() else None,
+            device=resolve_device("auto"),  # the GPU when there is one, as `denoiseg predict`
             precision="auto",
             out_channels=1 + built.head.num_classes,
             normalization=(mean, std),

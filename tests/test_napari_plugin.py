@@ -127,12 +127,16 @@ def test_train_stop_continue_predict_threshold_correct_retrain(viewer_with_sampl
     run_dir = tmp_path / "run"
     configure_tiny(train, run_dir)
 
-    # Train, and press Stop as soon as the first epoch is reported.
+    # Train, and press Stop as soon as the first epoch is reported. Step reports reach the
+    # main thread's event loop while the worker runs: the viewer stays responsive.
+    steps_seen_while_running: list[bool] = []
+    train.signals.step.connect(lambda *_: steps_seen_while_running.append(train.worker.is_running))
     train.signals.epoch.connect(lambda values: values["epoch"] == 1 and train.stop_button.click())
     train.train_button.click()
     assert train.stop_button.isEnabled() and not train.train_button.isEnabled()
     wait_for_training(qtbot, train)
     assert not train.outcome.finished and train.outcome.epochs_done == 1
+    assert any(steps_seen_while_running)
     assert log_rows(run_dir) == 1 and (run_dir / "last.pt").is_file()
     assert sorted(p.name for p in (run_dir / "napari_data" / "train" / "masks").iterdir()) == [
         f"noisy_nuclei_{i:04d}.tif" for i in range(SAMPLE_PAINTED)

@@ -1,0 +1,119 @@
+"""The napari plugin's Qt-free parts: layers -> training folder, tiled prediction with
+progress. They need neither napari nor a display, so they run everywhere."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+
+from denoiseg_core.data import load_training_data
+from denoiseg_core.config import DataConfig
+from denoiseg_core.errors import DataError
+from denoiseg_napari.layer_data import ImageLayer, default_axes, parse_patch_size, write_training_data
+
+
+def stack(n: int, shape=(32, 32), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+def painted(n: int, which: list[int], shape=(32, 32)) -> np.ndarray:
+    labels = np.zeros((n, *shape), np.int32)
+    for index in which:
+        labels[index, 4:12, 4:12] = 1
+        labels[index, 16:26, 10:20] = 2
+    return labels
+
+
+def test_unpainted_slices_are_unlabelled_and_the_trainer_reads_the_folder(tmp_path):
+    layers = [ImageLayer("raw stack", stack(5), "SYX"), ImageLayer("other", stack(2, seed=1), "SYX")]
+    folders = write_training_data(tmp_path / "data", layers, painted(5, [1, 3]))
+    assert (folders.n_images, folders.n_labelled, folders.validation) == (7, 2, None)
+    images = sorted(p.name for p in (folders.train / "images").iterdir())
+    assert images == [f"other_{i:04d}.tif" for i in range(2)] + [f"raw_stack_{i:04d}.tif" for i in range(5)]
+    assert sorted(p.name for p in (folders.train / "masks").iterdir()) == ["raw_stack_0001.tif", "raw_stack_0003.tif"]
+    np.testing.assert_array_equal(tifffile.imread(folders.train / "images" / "raw_stack_0002.tif"), layers[0].data[2])
+    train, validation = load_training_data(DataConfig(train=folders.train), seed=0)
+    assert len(train) == 6 and len(validation) == 1  # one of the two labelled images is held out
+    assert sum(r.labels is not None for r in train) == 1
+
+    # Erasing the paint of a slice makes it unlabelled again; the folder is rewritten.
+    folders = write_training_data(tmp_path / "data", layers, painted(5, [3]))
+    assert sorted(p.name for p in (folders.train / "masks").iterdir()) == ["raw_stack_0003.tif"]
+    # A single labelled image validates too (the held-out split needs two).
+    assert folders.validation is not None and folders.n_labelled == 1
+    assert sorted(p.name for p in (folders.validation / "masks").iterdir()) == ["raw_stack_0003.tif"]
+    train, validation = load_training_data(DataConfig(train=folders.train, validation=folders.validation), seed=0)
+    assert len(train) == 7 and len(validation) == 1
+
+
+def test_volumes_and_stacks_of_volumes(tmp_path):
+    volume = np.random.default_rng(0).normal(size=(8, 32, 32)).astype(np.float32)
+    labels = np.zeros(volume.shape, np.int32)
+    labels[2:5, 4:12, 4:12] = 1
+    folders = write_training_data(tmp_path / "zyx", [ImageLayer("vol", volume, "ZYX")], labels)
+    assert folders.n_images == 1 and tifffile.imread(folders.train / "masks" / "vol_0000.tif").shape == (8, 32, 32)
+    volumes = np.stack([volume, volume + 1])
+    stacked = np.stack([labels, np.zeros_like(labels)])
+    folders = write_training_data(tmp_path / "szyx", [ImageLayer("vols", volumes, "SZYX")], stacked)
+    assert (folders.n_images, folders.n_labelled) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("layers", "annotations", "message"),
+    [
+        ([ImageLayer("raw", stack(3), "SYX")], np.zeros((3, 32, 32), np.int32), "no painted nuclei"),
+        ([ImageLayer("raw", stack(3), "YX")], painted(3, [0]), "layer 'raw' has 3 dimensions (3, 32, 32) but axes 'YX' has 2"),
+        ([ImageLayer("raw", stack(3), "SYX")], painted(4, [0]), "the annotation layer's shape (4, 32, 32) matches no chosen image layer"),
+        ([ImageLayer("raw", stack(3), "SYX")], painted(3, [0]).astype(np.float32), "instance labels must be integers"),
+        ([], None, "choose at least one image layer"),
+    ],
+)
+def test_mistakes_are_one_line_errors(tmp_path, layers, annotations, message):
+    with pytest.raises(DataError, match=None) as error:
+        write_training_data(tmp_path / "data", layers, annotations)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_axes_and_patch_size_parsing():
+    assert [default_axes(n) for n in (2, 3, 4)] == ["YX", "SYX", "SZYX"]
+    assert parse_patch_size("64", 2) == [64, 64] and parse_patch_size("16,64,64", 3) == [16, 64, 64]
+    with pytest.raises(DataError, match="has 2 entries but the images are 3-D"):
+        parse_patch_size("32,32", 3)
+
+
+def test_tiled_layer_prediction_reports_progress_and_equals_denoiseg_predict(tmp_path):
+    from denoiseg_core.checkpoint import load_checkpoint
+    from denoiseg_core.prediction import predict_image, segment
+    from denoiseg_napari.predictor import RunPredictor, predict_layer, relabel
+    from denoiseg_napari.sample_data import noisy_nuclei_stack
+    from denoiseg_napari.training_run import TrainingCallbacks, TrainingRequest, run_training
+
+    noisy, annotations = noisy_nuclei_stack()
+    request = TrainingRequest(
+        run_dir=tmp_path / "run", epochs=1, steps_per_epoch=2, batch_size=4, patch_size=[32, 32],
+        extra_overrides=["model.backbone.params.depth=2", "model.backbone.params.first_filters=8"],
+    )
+    outcome = run_training(request, [ImageLayer("noisy", noisy, "SYX")], annotations, resume=False, callbacks=TrainingCallbacks(), stop=threading.Event())
+    assert outcome.finished
+
+    predictor = RunPredictor(tmp_path / "run", tile=(64, 64))
+    layer = noisy[:2, :100, :120]
+    reports: list[tuple[int, int]] = []
+    result = predict_layer(predictor, "noisy", layer, "SYX", lambda done, total: reports.append((done, total)))
+    total = reports[-1][1]
+    assert total == 2 * predictor.tiles((100, 120)) > 2  # several tiles per image
+    assert reports[0] == (0, total) and reports[-1] == (total, total)
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+
+    model = load_checkpoint(tmp_path / "run" / "best.pt")
+    for index in range(2):
+        expected = predict_image(model, layer[index][None], tile=(64, 64), precision="auto")
+        np.testing.assert_allclose(result.denoised[index], expected.denoised[0], rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(result.probabilities[:, index], expected.probabilities, atol=1e-4)
+        np.testing.assert_array_equal(result.labels[index], segment(model, expected))
+    assert result.probabilities.shape == (3, *layer.shape) and result.labels.shape == layer.shape
+    np.testing.assert_array_equal(relabel(predictor, result.probabilities, "SYX", predictor.threshold), result.labels)
