@@ -235,6 +235,7 @@ class TrainWidget(QWidget):
         self.train_button.clicked.connect(lambda: self.start(resume=False))
         self.continue_button.clicked.connect(lambda: self.start(resume=True))
         self.stop_button.clicked.connect(self.stop)
+        self.axes.currentTextChanged.connect(self._default_patch)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_images)
         self._refresh_images()
@@ -253,6 +254,12 @@ class TrainWidget(QWidget):
         first = next((layer for layer in self.viewer.layers if isinstance(layer, Image)), None)
         if first is not None and not checked:
             self.axes.setCurrentText(default_axes(first.ndim))
+
+    def _default_patch(self, axes: str) -> None:
+        """Keep the default patch size fitting 2-D or 3-D images (a size the user typed stays)."""
+        defaults = {2: "64", 3: "16,64,64"}
+        if self.patch.text().strip() in defaults.values():
+            self.patch.setText(defaults[spatial_ndim(axes)])
 
     def selected_image_names(self) -> list[str]:
         return [
@@ -472,6 +479,8 @@ class PredictWidget(QWidget):
         return add(data, name=name, **kwargs)
 
     def _show(self, name: str, axes: str, scale, predictor, result) -> None:
+        if self.predictor is not None and self.predictor is not predictor and hasattr(self.predictor, "close"):
+            self.predictor.close()  # a package's bioimageio.core pipeline holds its weights
         self.predictor, self.result, self.result_axes = predictor, result, axes
         for key, output in result.outputs.items():  # a package not made by denoiseg
             self._put(f"{name} {key}", output, "image")

@@ -85,7 +85,7 @@ def test_axes_and_patch_size_parsing():
         parse_patch_size("32,32", 3)
 
 
-def test_tiled_layer_prediction_reports_progress_and_equals_denoiseg_predict(tmp_path):
+def test_tiled_layer_prediction_reports_progress_and_equals_denoiseg_predict(tmp_path, capsys):
     from denoiseg_core.checkpoint import load_checkpoint
     from denoiseg_core.prediction import predict_image, segment
     from denoiseg_napari.predictor import RunPredictor, predict_layer, relabel
@@ -117,3 +117,10 @@ def test_tiled_layer_prediction_reports_progress_and_equals_denoiseg_predict(tmp
         np.testing.assert_array_equal(result.labels[index], segment(model, expected))
     assert result.probabilities.shape == (3, *layer.shape) and result.labels.shape == layer.shape
     np.testing.assert_array_equal(relabel(predictor, result.probabilities, "SYX", predictor.threshold), result.labels)
+
+    # The widget's run folder is the CLI's: `denoiseg train --resume` continues it.
+    from cli_helpers import run_cli
+
+    code, out, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--set", "training.epochs=2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "resuming" in out and len((tmp_path / "run" / "log.csv").read_text().strip().splitlines()) == 3

@@ -270,3 +270,24 @@ def test_export_from_the_widget_passes_bioimageio_test(viewer_with_sample, qtbot
     predict.predict_button.click()
     qtbot.waitUntil(lambda: "noisy nuclei labels" in viewer.layers, timeout=TRAINING_TIMEOUT)
     assert viewer.layers["noisy nuclei denoised"].data.shape == viewer.layers["noisy nuclei labels"].data.shape == (SAMPLE_IMAGES, *SAMPLE_SHAPE)
+
+    # Any package with one input: its outputs come in as they are (here: ours without its
+    # denoiseg section, so the viewer knows nothing about its channels).
+    import zipfile
+
+    import yaml
+
+    generic = tmp_path / "generic.zip"
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(generic, "w") as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "rdf.yaml":
+                rdf = yaml.safe_load(data)
+                del rdf["config"]["denoiseg"]
+                data = yaml.safe_dump(rdf).encode()
+            out.writestr(item.filename, data)
+    predict.source.setText(str(generic))
+    predict.predict_button.click()
+    qtbot.waitUntil(lambda: "noisy nuclei output" in viewer.layers, timeout=TRAINING_TIMEOUT)
+    assert viewer.layers["noisy nuclei output"].data.shape == (SAMPLE_IMAGES, 4, *SAMPLE_SHAPE)
+    assert predict.status.text() == "done (this package gives no instance labels)"
