@@ -51,6 +51,38 @@ if TYPE_CHECKING:
 _recent_run: dict[str, Path] = {}
 
 
+class _RecentRun(QObject):
+    """Tells open Predict and Export widgets that a training run finished or stopped."""
+
+    changed = Signal(object)
+
+
+_recent_run_signal: _RecentRun | None = None
+
+
+def recent_run_signal() -> _RecentRun:
+    global _recent_run_signal
+    if _recent_run_signal is None:  # created lazily: a QObject needs the QApplication first
+        _recent_run_signal = _RecentRun()
+    return _recent_run_signal
+
+
+def _follow_recent_run(edit: QLineEdit, make_text: Callable[[Path], str] = str) -> None:
+    """Fill ``edit`` with each new run unless the user typed something else there."""
+
+    signal = recent_run_signal().changed
+
+    def update(run_dir: Path) -> None:
+        previous = _recent_run.get("previous")
+        try:
+            if not edit.text().strip() or (previous is not None and edit.text() == make_text(previous)):
+                edit.setText(make_text(run_dir))
+        except RuntimeError:  # the widget was closed (Qt deleted the line edit)
+            signal.disconnect(update)
+
+    signal.connect(update)
+
+
 @dataclass
 class UserFailure:
     """A worker's DenoiSegError, carried back to the main thread as a result."""
@@ -363,7 +395,10 @@ class TrainWidget(QWidget):
 
     def _on_done(self, outcome) -> None:
         self.outcome = outcome
+        if "run" in _recent_run:
+            _recent_run["previous"] = _recent_run["run"]
         _recent_run["run"] = outcome.run_dir
+        recent_run_signal().changed.emit(outcome.run_dir)
         if outcome.finished:
             threshold = f", foreground threshold {outcome.threshold:.2f}" if outcome.threshold is not None else ""
             self.status.setText(f"finished {outcome.epochs_done} epochs{threshold}: {outcome.run_dir}")
@@ -384,6 +419,7 @@ class PredictWidget(QWidget):
         self.viewer = napari_viewer
         self.source = QLineEdit(str(_recent_run.get("run", "")))
         self.source.setToolTip("a run folder (its best.pt), a .pt checkpoint, or a bioimage.io package .zip")
+        _follow_recent_run(self.source)
         self.layer = LayerChoice(napari_viewer, Image)
         self.layer.currentTextChanged.connect(self._default_axes)
         self.axes = _axes_box()
@@ -557,6 +593,8 @@ class ExportWidget(QWidget):
         recent = _recent_run.get("run")
         self.source = QLineEdit(str(recent or ""))
         self.out = QLineEdit(str(recent / "denoiseg-model.zip") if recent else "")
+        _follow_recent_run(self.source)
+        _follow_recent_run(self.out, lambda run_dir: str(run_dir / "denoiseg-model.zip"))
         self.name = QLineEdit("DenoiSeg nuclei model")
         self.authors = QLineEdit("")
         self.authors.setToolTip("comma-separated author names")

@@ -124,6 +124,7 @@ def test_user_mistakes_show_one_line_in_the_notification_area(viewer_with_sample
 def test_train_stop_continue_predict_threshold_correct_retrain(viewer_with_sample, qtbot, tmp_path):
     viewer = viewer_with_sample
     train = dock(viewer, "Train")
+    predict = dock(viewer, "Predict")
     run_dir = tmp_path / "run"
     configure_tiny(train, run_dir)
 
@@ -153,7 +154,6 @@ def test_train_stop_continue_predict_threshold_correct_retrain(viewer_with_sampl
     assert len(train.figure.axes[0].lines[0].get_xdata()) == TINY["epochs"]
 
     # Predict: three layers with the image's shapes.
-    predict = dock(viewer, "Predict")
     assert predict.source.text() == str(run_dir)  # the run just trained
     predict.with_probabilities.setChecked(True)
     predict.predict_button.click()
