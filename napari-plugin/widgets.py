@@ -212,7 +212,8 @@ class TrainWidget(QWidget):
         self.recipe.addItems([*RECIPES, "config file"])
         self.recipe.setToolTip("quick: the demo's small U-Net and short schedule; paper: the paper's settings")
         self.config_file = QLineEdit()
-        self.epochs = QSpinBox(minimum=1, maximum=100000, value=12)
+        self.epochs = QSpinBox(minimum=0, maximum=100000, value=0, specialValueText="recipe's")
+        self.epochs.setToolTip("epochs to train; Continue on a finished run trains this many more")
         self.steps = QSpinBox(minimum=0, maximum=100000, value=0, specialValueText="recipe's")
         self.batch = QSpinBox(minimum=0, maximum=4096, value=0, specialValueText="recipe's")
         self.patch = QLineEdit("64")
@@ -268,6 +269,7 @@ class TrainWidget(QWidget):
         self.continue_button.clicked.connect(lambda: self.start(resume=True))
         self.stop_button.clicked.connect(self.stop)
         self.axes.currentTextChanged.connect(self._default_patch)
+        self.recipe.currentTextChanged.connect(self._default_patch)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_images)
         self._refresh_images()
@@ -287,11 +289,13 @@ class TrainWidget(QWidget):
         if first is not None and not checked:
             self.axes.setCurrentText(default_axes(first.ndim))
 
-    def _default_patch(self, axes: str) -> None:
-        """Keep the default patch size fitting 2-D or 3-D images (a size the user typed stays)."""
+    def _default_patch(self, *_args) -> None:
+        """Keep the default patch size fitting 2-D or 3-D images, and a config file's own
+        (empty field); a size the user typed stays."""
         defaults = {2: "64", 3: "16,64,64"}
-        if self.patch.text().strip() in defaults.values():
-            self.patch.setText(defaults[spatial_ndim(axes)])
+        if self.patch.text().strip() in (*defaults.values(), ""):
+            from_file = self.recipe.currentText() == "config file"
+            self.patch.setText("" if from_file else defaults[spatial_ndim(self.axes.currentText())])
 
     def selected_image_names(self) -> list[str]:
         return [
@@ -308,7 +312,7 @@ class TrainWidget(QWidget):
             run_dir=Path(self.run_dir.text()).expanduser(),
             recipe="file" if recipe == "config file" else recipe,
             config_file=Path(self.config_file.text()).expanduser() if self.config_file.text().strip() else None,
-            epochs=self.epochs.value(),
+            epochs=self.epochs.value() or None,
             steps_per_epoch=self.steps.value() or None,
             batch_size=self.batch.value() or None,
             patch_size=parse_patch_size(self.patch.text(), spatial_ndim(axes)) if self.patch.text().strip() else None,

@@ -124,3 +124,34 @@ def test_tiled_layer_prediction_reports_progress_and_equals_denoiseg_predict(tmp
     code, out, err = run_cli(["train", "--resume", str(tmp_path / "run"), "--set", "training.epochs=2", "--no-progress"], capsys)
     assert code == 0, err
     assert "resuming" in out and len((tmp_path / "run" / "log.csv").read_text().strip().splitlines()) == 3
+
+
+def test_recipes_config_file_and_overrides(tmp_path):
+    from denoiseg_napari.training_run import TrainingRequest, build_config
+
+    folders = write_training_data(tmp_path / "data", [ImageLayer("raw", stack(3), "SYX")], painted(3, [0, 1]))
+    config_file = tmp_path / "my.yaml"
+    config_file.write_text(
+        "seed: 7\ndata: {patch_size: [32, 32]}\n"
+        "model: {backbone: {name: unet, params: {depth: 2, first_filters: 8}}}\ntraining: {epochs: 5, alpha: 0.3}\n"
+    )
+    run_dir = tmp_path / "run"
+    config = build_config(TrainingRequest(run_dir=run_dir, recipe="file", config_file=config_file), folders)
+    assert (config.seed, config.data.patch_size, config.training.epochs, config.training.alpha) == (7, [32, 32], 5, 0.3)
+    assert config.model.backbone.params == {"depth": 2, "first_filters": 8}
+    assert (config.run_dir, config.data.train, config.data.validation) == (run_dir, folders.train, None)
+    # the widget's overrides win; another backbone starts from its own defaults
+    config = build_config(
+        TrainingRequest(run_dir=run_dir, recipe="file", config_file=config_file, epochs=3, patch_size=[48, 48], backbone="res_unet"),
+        folders,
+    )
+    assert (config.training.epochs, config.data.patch_size) == (3, [48, 48])
+    assert (config.model.backbone.name, config.model.backbone.params) == ("res_unet", {})
+    paper = build_config(TrainingRequest(run_dir=run_dir, recipe="paper"), folders)
+    quick = build_config(TrainingRequest(run_dir=run_dir, recipe="quick"), folders)
+    assert (paper.training.epochs, paper.model.backbone.params) == (200, {})
+    assert (quick.training.epochs, quick.model.backbone.params) == (12, {"depth": 3, "first_filters": 16})
+    from denoiseg_core.errors import DenoiSegError
+
+    with pytest.raises(DenoiSegError, match="choose a config file"):
+        build_config(TrainingRequest(run_dir=run_dir, recipe="file"), folders)
