@@ -263,6 +263,7 @@ class TrainWidget(QWidget):
         self.signals.epoch.connect(self._on_epoch)
         self.signals.message.connect(self.status.setText)
         self.stop_event = threading.Event()
+        self.destroyed.connect(self.stop_event.set)  # closing the widget stops its training at the next step
         self.worker = None
         self.outcome = None
         self.train_button.clicked.connect(lambda: self.start(resume=False))

@@ -74,6 +74,11 @@ def wait_for_training(qtbot, train) -> None:
     qtbot.waitUntil(lambda: train.outcome is not None and train.train_button.isEnabled(), timeout=TRAINING_TIMEOUT)
 
 
+def wait_for_prediction(qtbot, predict, layer_name: str) -> None:
+    """Until the layer is there and the worker has finished (Predict is enabled again)."""
+    qtbot.waitUntil(lambda: layer_name in predict.viewer.layers and predict.predict_button.isEnabled(), timeout=TRAINING_TIMEOUT)
+
+
 def log_rows(run_dir: Path) -> int:
     return len((run_dir / "log.csv").read_text().strip().splitlines()) - 1
 
@@ -157,7 +162,7 @@ def test_train_stop_continue_predict_threshold_correct_retrain(viewer_with_sampl
     assert predict.source.text() == str(run_dir)  # the run just trained
     predict.with_probabilities.setChecked(True)
     predict.predict_button.click()
-    qtbot.waitUntil(lambda: "noisy nuclei labels" in viewer.layers, timeout=TRAINING_TIMEOUT)
+    wait_for_prediction(qtbot, predict, "noisy nuclei labels")
     shape = (SAMPLE_IMAGES, *SAMPLE_SHAPE)
     assert viewer.layers["noisy nuclei denoised"].data.shape == shape
     assert viewer.layers["noisy nuclei probabilities"].data.shape == (3, *shape)
@@ -268,7 +273,7 @@ def test_export_from_the_widget_passes_bioimageio_test(viewer_with_sample, qtbot
     predict = dock(viewer, "Predict")
     predict.source.setText(str(package))
     predict.predict_button.click()
-    qtbot.waitUntil(lambda: "noisy nuclei labels" in viewer.layers, timeout=TRAINING_TIMEOUT)
+    wait_for_prediction(qtbot, predict, "noisy nuclei labels")
     assert viewer.layers["noisy nuclei denoised"].data.shape == viewer.layers["noisy nuclei labels"].data.shape == (SAMPLE_IMAGES, *SAMPLE_SHAPE)
 
     # Any package with one input: its outputs come in as they are (here: ours without its
@@ -288,6 +293,6 @@ def test_export_from_the_widget_passes_bioimageio_test(viewer_with_sample, qtbot
             out.writestr(item.filename, data)
     predict.source.setText(str(generic))
     predict.predict_button.click()
-    qtbot.waitUntil(lambda: "noisy nuclei output" in viewer.layers, timeout=TRAINING_TIMEOUT)
+    wait_for_prediction(qtbot, predict, "noisy nuclei output")
     assert viewer.layers["noisy nuclei output"].data.shape == (SAMPLE_IMAGES, 4, *SAMPLE_SHAPE)
     assert predict.status.text() == "done (this package gives no instance labels)"
