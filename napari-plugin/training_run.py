@@ -26,8 +26,9 @@ from denoiseg_core.training import Trainer, resume_config
 from denoiseg_napari.layer_data import ImageLayer, TrainingFolders, write_training_data
 
 #: the recipes offered besides a config file: ``quick`` is ``denoiseg demo``'s small U-Net and
-#: short schedule (minutes on a laptop CPU), ``paper`` the defaults (the paper's settings)
-RECIPES: dict[str, dict] = {"quick": DEMO_OVERRIDES, "paper": {}}
+#: short schedule (minutes on a laptop CPU), ``default`` the defaults of ``denoiseg config init``
+#: (the paper's network and schedule: hours on a CPU, for a GPU)
+RECIPES: dict[str, dict] = {"quick": DEMO_OVERRIDES, "default": {}}
 
 #: seconds between step reports (each one crosses into the Qt main thread)
 STEP_REPORT_INTERVAL = 0.2
@@ -79,21 +80,17 @@ class WidgetTrainer(Trainer):
         self._last_report = 0.0
         super().__init__(config, resume=resume, progress=False, log=callbacks.message)
         self._reported_epochs = len(self.history)
-        self._epoch_at_step, self._steps_in_epoch = self.epoch, 0
 
-    def train_step(self, batch):
+    def train_step(self, batch, step: int = 0):
         if self.stop_flag.is_set():
             raise TrainingStopped
         self.report_epochs()
-        if self.epoch != self._epoch_at_step:
-            self._epoch_at_step, self._steps_in_epoch = self.epoch, 0
-        losses = super().train_step(batch)
-        self._steps_in_epoch += 1
+        losses = super().train_step(batch, step)
         cfg = self.config.training
         now = time.perf_counter()
-        if now - self._last_report >= STEP_REPORT_INTERVAL or self._steps_in_epoch == cfg.steps_per_epoch:
+        if now - self._last_report >= STEP_REPORT_INTERVAL or step == cfg.steps_per_epoch - 1:
             self._last_report = now
-            done = self.epoch * cfg.steps_per_epoch + self._steps_in_epoch
+            done = self.epoch * cfg.steps_per_epoch + step + 1
             self.callbacks.step(done, cfg.epochs * cfg.steps_per_epoch, float(losses[0]))
         return losses
 

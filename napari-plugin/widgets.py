@@ -210,7 +210,7 @@ class TrainWidget(QWidget):
         self.annotations.setToolTip("paint every nucleus of an image (slice); unpainted images (slices) are unlabelled")
         self.recipe = QComboBox()
         self.recipe.addItems([*RECIPES, "config file"])
-        self.recipe.setToolTip("quick: the demo's small U-Net and short schedule; paper: the paper's settings")
+        self.recipe.setToolTip("quick: the demo's small U-Net and short schedule; default: denoiseg's defaults (the paper's)")
         self.config_file = QLineEdit()
         self.epochs = QSpinBox(minimum=0, maximum=100000, value=0, specialValueText="recipe's")
         self.epochs.setToolTip("epochs to train; Continue on a finished run trains this many more")
@@ -392,6 +392,9 @@ class TrainWidget(QWidget):
         loss_axes.set_ylabel("loss")
         ap_axes = loss_axes.twinx()
         ap_axes.plot(epochs, [h["val_ap50"] for h in self.history], "s--", color="tab:green", label="val AP@0.5", markersize=3)
+        if any("val_ap50_tuned" in h for h in self.history):  # AP at each epoch's best threshold
+            tuned = [h.get("val_ap50_tuned", float("nan")) for h in self.history]
+            ap_axes.plot(epochs, tuned, "^:", color="tab:olive", label="val AP@0.5 (best threshold)", markersize=3)
         ap_axes.set_ylim(0, 1)
         ap_axes.set_ylabel("AP@0.5")
         handles = loss_axes.get_legend_handles_labels()[0] + ap_axes.get_legend_handles_labels()[0]

@@ -147,9 +147,9 @@ def test_recipes_config_file_and_overrides(tmp_path):
     )
     assert (config.training.epochs, config.data.patch_size) == (3, [48, 48])
     assert (config.model.backbone.name, config.model.backbone.params) == ("res_unet", {})
-    paper = build_config(TrainingRequest(run_dir=run_dir, recipe="paper"), folders)
+    default = build_config(TrainingRequest(run_dir=run_dir, recipe="default"), folders)
     quick = build_config(TrainingRequest(run_dir=run_dir, recipe="quick"), folders)
-    assert (paper.training.epochs, paper.model.backbone.params) == (200, {})
+    assert (default.training.epochs, default.model.backbone.params) == (200, {})
     assert (quick.training.epochs, quick.model.backbone.params) == (12, {"depth": 3, "first_filters": 16})
     from denoiseg_core.errors import DenoiSegError
 
