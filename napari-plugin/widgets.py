@@ -232,7 +232,7 @@ class TrainWidget(QWidget):
 
         self.figure = Figure(figsize=(3.2, 2.4), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(180)
+        self.canvas.setMinimumHeight(200)
         self.history: list[dict] = []
 
         form = QFormLayout()
@@ -391,14 +391,14 @@ class TrainWidget(QWidget):
         loss_axes.set_xlabel("epoch")
         loss_axes.set_ylabel("loss")
         ap_axes = loss_axes.twinx()
-        ap_axes.plot(epochs, [h["val_ap50"] for h in self.history], "s--", color="tab:green", label="val AP@0.5", markersize=3)
+        ap_axes.plot(epochs, [h["val_ap50"] for h in self.history], "s--", color="tab:green", label="AP@0.5", markersize=3)
         if any("val_ap50_tuned" in h for h in self.history):  # AP at each epoch's best threshold
             tuned = [h.get("val_ap50_tuned", float("nan")) for h in self.history]
-            ap_axes.plot(epochs, tuned, "^:", color="tab:olive", label="val AP@0.5 (best threshold)", markersize=3)
+            ap_axes.plot(epochs, tuned, "^:", color="tab:olive", label="AP@0.5, best threshold", markersize=3)
         ap_axes.set_ylim(0, 1)
         ap_axes.set_ylabel("AP@0.5")
         handles = loss_axes.get_legend_handles_labels()[0] + ap_axes.get_legend_handles_labels()[0]
-        loss_axes.legend(handles, [h.get_label() for h in handles], fontsize="x-small", loc="upper right")
+        loss_axes.legend(handles, [h.get_label() for h in handles], fontsize="xx-small", loc="center right", framealpha=0.6)
         self.canvas.draw_idle()
 
     def _on_done(self, outcome) -> None:
