@@ -120,30 +120,56 @@ def _run_in_thread(function: Callable[..., Any], *args, on_done: Callable[[Any],
     return worker
 
 
+def follow_layer_list(viewer: napari.Viewer, widget: QWidget, refresh: Callable[[], None]) -> None:
+    """Call ``refresh`` when layers are added, removed, reordered or renamed, for as long as
+    ``widget`` lives (a closed dock widget must not receive the viewer's later events)."""
+    events = viewer.layers.events
+    renames: set[int] = set()
+
+    def on_change(*_event) -> None:
+        try:
+            for layer in viewer.layers:
+                if id(layer) not in renames:
+                    renames.add(id(layer))
+                    layer.events.name.connect(on_change)
+            refresh()
+        except RuntimeError:  # Qt deleted the widget: stop listening
+            for event in (events.inserted, events.removed, events.reordered):
+                event.disconnect(on_change)
+            for layer in viewer.layers:
+                layer.events.name.disconnect(on_change)
+
+    for event in (events.inserted, events.removed, events.reordered):
+        event.connect(on_change)
+    on_change()
+
+
 class LayerChoice(QComboBox):
     """The viewer's layers of one type, kept up to date (optionally with a 'none' entry)."""
 
     def __init__(self, viewer: napari.Viewer, kind: type, optional: bool = False):
         super().__init__()
         self.viewer, self.kind, self.optional = viewer, kind, optional
-        for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
-            event.connect(self.refresh)
-        self.refresh()
+        follow_layer_list(viewer, self, self.refresh)
 
     def refresh(self, *_event) -> None:
-        current = self.currentText()
+        current = self.layer()  # kept by identity, so a renamed layer stays selected
+        self.blockSignals(True)
         self.clear()
         if self.optional:
-            self.addItem("none")
-        self.addItems([layer.name for layer in self.viewer.layers if isinstance(layer, self.kind)])
-        if current and self.findText(current) >= 0:
-            self.setCurrentText(current)
+            self.addItem("none", None)
+        for layer in self.viewer.layers:
+            if isinstance(layer, self.kind):
+                self.addItem(layer.name, layer)
+                if layer is current:
+                    self.setCurrentIndex(self.count() - 1)
+        self.blockSignals(False)
+        self.currentTextChanged.emit(self.currentText())
 
     def layer(self):
-        name = self.currentText()
-        if not name or name == "none" or name not in self.viewer.layers:
-            return None
-        return self.viewer.layers[name]
+        """The chosen layer (None for 'none', or when it has left the viewer)."""
+        layer = self.currentData()
+        return layer if layer is not None and layer in self.viewer.layers else None
 
 
 def _axes_box() -> QComboBox:
@@ -271,20 +297,19 @@ class TrainWidget(QWidget):
         self.stop_button.clicked.connect(self.stop)
         self.axes.currentTextChanged.connect(self._default_patch)
         self.recipe.currentTextChanged.connect(self._default_patch)
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(self._refresh_images)
-        self._refresh_images()
+        follow_layer_list(napari_viewer, self, self._refresh_images)
         self._draw_curves()
 
     # ---------------------------------------------------------------- layers
     def _refresh_images(self, *_event) -> None:
-        checked = set(self.selected_image_names())
+        checked = [id(layer) for layer in self.selected_image_layers()]
         self.images.clear()
         for layer in self.viewer.layers:
             if isinstance(layer, Image):
                 item = QListWidgetItem(layer.name)
+                item.setData(Qt.UserRole, layer)
                 item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                item.setCheckState(Qt.Checked if (layer.name in checked or not checked) else Qt.Unchecked)
+                item.setCheckState(Qt.Checked if (id(layer) in checked or not checked) else Qt.Unchecked)
                 self.images.addItem(item)
         first = next((layer for layer in self.viewer.layers if isinstance(layer, Image)), None)
         if first is not None and not checked:
@@ -298,10 +323,13 @@ class TrainWidget(QWidget):
             from_file = self.recipe.currentText() == "config file"
             self.patch.setText("" if from_file else defaults[spatial_ndim(self.axes.currentText())])
 
+    def selected_image_layers(self) -> list:
+        items = (self.images.item(i) for i in range(self.images.count()))
+        layers = [item.data(Qt.UserRole) for item in items if item.checkState() == Qt.Checked]
+        return [layer for layer in layers if layer in self.viewer.layers]
+
     def selected_image_names(self) -> list[str]:
-        return [
-            self.images.item(i).text() for i in range(self.images.count()) if self.images.item(i).checkState() == Qt.Checked
-        ]
+        return [layer.name for layer in self.selected_image_layers()]
 
     # ---------------------------------------------------------------- training
     def request(self):
@@ -325,11 +353,11 @@ class TrainWidget(QWidget):
         from denoiseg_napari.training_run import TrainingCallbacks, run_training
 
         try:
-            names = self.selected_image_names()
-            if not names:
+            chosen = self.selected_image_layers()
+            if not chosen:
                 raise DenoiSegError("choose at least one image layer to train on")
             axes = self.axes.currentText()
-            layers = [ImageLayer(name, _image_data(self.viewer.layers[name], "training"), axes) for name in names]
+            layers = [ImageLayer(layer.name, _image_data(layer, "training"), axes) for layer in chosen]
             annotation_layer = self.annotations.layer()
             if annotation_layer is None:
                 raise DenoiSegError("choose a Labels layer with painted nuclei (or add one: Layers > New Labels layer)")

@@ -102,9 +102,17 @@ def test_sample_data_and_widgets_open_in_a_viewer(viewer_with_sample):
     assert train.annotations.currentText() == "annotations"
     assert predict.layer.currentText() == "noisy nuclei"
     assert export.mask.findText("annotations") >= 0
-    # new layers show up in the choices
+    # new layers show up in the choices; renamed ones stay chosen
     viewer.add_labels(np.zeros((SAMPLE_IMAGES, *SAMPLE_SHAPE), np.int32), name="more labels")
     assert train.annotations.findText("more labels") >= 0
+    annotations.name = "painted nuclei"
+    image.name = "raw"
+    assert train.annotations.currentText() == "painted nuclei" and train.annotations.layer() is annotations
+    assert train.selected_image_names() == ["raw"] and predict.layer.layer() is image
+    # closing a widget does not break the other widgets or later layer events
+    viewer.window.remove_dock_widget(export.parent())
+    viewer.add_image(np.zeros((4, 4)), name="after closing")
+    assert predict.layer.findText("after closing") >= 0
 
 
 def test_user_mistakes_show_one_line_in_the_notification_area(viewer_with_sample, qtbot, tmp_path, notifications):
