@@ -3,8 +3,9 @@
 No Qt here: everything is plain numpy and denoiseg_core, so it is testable on its own.
 A layer is cut into the images the trainer sees along its ``S`` axis (a stack of 2-D
 images ``SYX`` or of volumes ``SZYX``); ``YX`` and ``ZYX`` layers are one image each.
-An image (slice) of the annotation layer with no painted pixel is unlabelled: it is used
-for denoising only, never as "all background".
+An image or slice of the annotation layer with no painted pixel is unlabelled: it is used
+for denoising only, never as "all background" (a partly painted volume is labelled only
+in its painted z slices).
 """
 
 from __future__ import annotations
@@ -74,6 +75,25 @@ def _file_stem(name: str) -> str:
     return safe or "layer"
 
 
+def _painted_runs(painted: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each run of consecutive True values."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], painted.astype(np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _volume_entries(name: str, image: np.ndarray, mask: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """A painted volume: whole if every z slice is painted; otherwise the whole volume is
+    unlabelled and each run of consecutive painted slices becomes its own labelled
+    sub-volume, so unpainted slices are never taught as background."""
+    painted = mask.reshape(mask.shape[0], -1).any(axis=1)
+    if painted.all():
+        return [(name, image, mask)]
+    entries: list[tuple[str, np.ndarray, np.ndarray | None]] = [(name, image, None)]
+    for start, stop in _painted_runs(painted):
+        entries.append((f"{name}_z{start:04d}-{stop - 1:04d}", image[start:stop], mask[start:stop]))
+    return entries
+
+
 def write_training_data(
     folder: Path,
     layers: Sequence[ImageLayer],
@@ -83,14 +103,14 @@ def write_training_data(
     """Write the layers as a training folder (``images/`` + ``masks/``, see README "Your data").
 
     ``annotations``: the Labels layer's data, with the shape of ``layers[annotated_layer]``
-    (default: the first layer of that shape). Each image (slice) of it with any painted
-    pixel becomes that image's mask. The folder is rewritten from scratch (it belongs to
-    the widget's run), so a slice whose paint was erased is unlabelled again.
+    (default: the first layer of that shape). Each image (slice of an ``S`` stack) with any
+    painted pixel becomes a labelled image; in a volume, only its painted z slices are
+    labelled (see :func:`_volume_entries`). The folder is rewritten from scratch (it belongs
+    to the widget's run), so an image whose paint was erased is unlabelled again.
     """
     if not layers:
         raise DataError("choose at least one image layer to train on")
-    images_per_layer = [split_images(layer.name, layer.data, layer.axes) for layer in layers]
-    masks_per_layer: list[list[np.ndarray | None]] = [[None] * len(images) for images in images_per_layer]
+    masks_of: dict[int, list[np.ndarray]] = {}
     if annotations is not None:
         annotations = np.asarray(annotations)
         if annotated_layer is None:
@@ -104,10 +124,21 @@ def write_training_data(
             raise DataError(f"the annotation layer's shape {annotations.shape} differs from layer {layer.name!r} {tuple(layer.data.shape)}")
         if annotations.dtype.kind not in "iub":
             raise DataError(f"the annotation layer holds {annotations.dtype} values; instance labels must be integers")
-        for index, mask in enumerate(split_images(layer.name, annotations, layer.axes)):
-            if mask.any():
-                masks_per_layer[annotated_layer][index] = mask
-    n_labelled = sum(m is not None for masks in masks_per_layer for m in masks)
+        masks_of[annotated_layer] = split_images(layer.name, annotations, layer.axes)
+    # (file stem, image, mask or None) of every training image
+    entries: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+    for layer_index, layer in enumerate(layers):
+        stem = _file_stem(layer.name)
+        masks = masks_of.get(layer_index)
+        for index, image in enumerate(split_images(layer.name, layer.data, layer.axes)):
+            name, mask = f"{stem}_{index:04d}", masks[index] if masks is not None else None
+            if mask is None or not mask.any():
+                entries.append((name, image, None))
+            elif spatial_ndim(layer.axes) == 3:
+                entries.extend(_volume_entries(name, image, mask))
+            else:
+                entries.append((name, image, mask))
+    n_labelled = sum(mask is not None for _, _, mask in entries)
     if n_labelled == 0:
         raise DataError(
             "no painted nuclei: paint every nucleus of at least one image (or slice) in the annotation layer"
@@ -116,23 +147,19 @@ def write_training_data(
     if folder.exists():
         shutil.rmtree(folder)
     train, validation = folder / "train", folder / "validation"
-    n_images = 0
-    for layer, images, masks in zip(layers, images_per_layer, masks_per_layer):
-        stem = _file_stem(layer.name)
-        for index, (image, mask) in enumerate(zip(images, masks)):
-            file_name = f"{stem}_{index:04d}.tif"
-            write_tiff(train / "images" / file_name, np.ascontiguousarray(image))
-            n_images += 1
-            if mask is None:
-                continue
-            labels = mask.astype(np.uint16 if mask.max() < 2**16 else np.int32)
-            write_tiff(train / "masks" / file_name, labels)
-            if n_labelled == 1:
-                # The held-out split needs two labelled images; with one, it validates too
-                # (the threshold and best epoch are then tuned on the training image).
-                write_tiff(validation / "images" / file_name, np.ascontiguousarray(image))
-                write_tiff(validation / "masks" / file_name, labels)
-    return TrainingFolders(train, validation if n_labelled == 1 else None, n_images, n_labelled)
+    for name, image, mask in entries:
+        file_name = f"{name}.tif"
+        write_tiff(train / "images" / file_name, np.ascontiguousarray(image))
+        if mask is None:
+            continue
+        labels = mask.astype(np.uint16 if mask.max() < 2**16 else np.int32)
+        write_tiff(train / "masks" / file_name, labels)
+        if n_labelled == 1:
+            # The held-out split needs two labelled images; with one, it validates too
+            # (the threshold and best epoch are then tuned on the training image).
+            write_tiff(validation / "images" / file_name, np.ascontiguousarray(image))
+            write_tiff(validation / "masks" / file_name, labels)
+    return TrainingFolders(train, validation if n_labelled == 1 else None, len(entries), n_labelled)
 
 
 def parse_patch_size(text: str, spatial_ndim: int) -> list[int]:

@@ -49,16 +49,31 @@ def test_unpainted_slices_are_unlabelled_and_the_trainer_reads_the_folder(tmp_pa
     assert len(train) == 7 and len(validation) == 1
 
 
-def test_volumes_and_stacks_of_volumes(tmp_path):
+def test_volumes_are_labelled_only_in_their_painted_slices(tmp_path):
     volume = np.random.default_rng(0).normal(size=(8, 32, 32)).astype(np.float32)
     labels = np.zeros(volume.shape, np.int32)
-    labels[2:5, 4:12, 4:12] = 1
+    labels[2:5, 4:12, 4:12] = 1  # z 2..4 painted
+    labels[6, 20:28, 20:28] = 2  # and z 6
     folders = write_training_data(tmp_path / "zyx", [ImageLayer("vol", volume, "ZYX")], labels)
-    assert folders.n_images == 1 and tifffile.imread(folders.train / "masks" / "vol_0000.tif").shape == (8, 32, 32)
+    # the whole volume for denoising; each painted run of slices as its own labelled sub-volume
+    assert sorted(p.name for p in (folders.train / "images").iterdir()) == [
+        "vol_0000.tif", "vol_0000_z0002-0004.tif", "vol_0000_z0006-0006.tif"
+    ]
+    assert sorted(p.name for p in (folders.train / "masks").iterdir()) == ["vol_0000_z0002-0004.tif", "vol_0000_z0006-0006.tif"]
+    np.testing.assert_array_equal(tifffile.imread(folders.train / "images" / "vol_0000_z0002-0004.tif"), volume[2:5])
+    np.testing.assert_array_equal(tifffile.imread(folders.train / "masks" / "vol_0000_z0002-0004.tif"), labels[2:5])
+    assert (folders.n_images, folders.n_labelled) == (3, 2)
+    # every slice painted: the volume itself is labelled
+    labels[:, 0, 0] = 3
+    folders = write_training_data(tmp_path / "full", [ImageLayer("vol", volume, "ZYX")], labels)
+    assert sorted(p.name for p in (folders.train / "masks").iterdir()) == ["vol_0000.tif"]
+    # a stack of volumes: unpainted volumes stay unlabelled
     volumes = np.stack([volume, volume + 1])
     stacked = np.stack([labels, np.zeros_like(labels)])
     folders = write_training_data(tmp_path / "szyx", [ImageLayer("vols", volumes, "SZYX")], stacked)
     assert (folders.n_images, folders.n_labelled) == (2, 1)
+    train, validation = load_training_data(DataConfig(train=folders.train, validation=folders.validation), seed=0)
+    assert [r.spatial_shape for r in train] == [(8, 32, 32)] * 2 and len(validation) == 1
 
 
 @pytest.mark.parametrize(
@@ -155,3 +170,25 @@ def test_recipes_config_file_and_overrides(tmp_path):
 
     with pytest.raises(DenoiSegError, match="choose a config file"):
         build_config(TrainingRequest(run_dir=run_dir, recipe="file"), folders)
+
+
+def test_a_partly_painted_volume_trains(tmp_path):
+    """3-D through the widget's training code: a synthetic volume painted in a few z slices."""
+    from denoiseg_core.synthetic import make_nuclei_image
+    from denoiseg_napari.training_run import TrainingCallbacks, TrainingRequest, run_training
+
+    _, noisy, labels = make_nuclei_image((16, 48, 48), np.random.default_rng(0))
+    painted_slices = np.zeros_like(labels)
+    painted_slices[4:9] = labels[4:9]
+    epochs: list[dict] = []
+    request = TrainingRequest(
+        run_dir=tmp_path / "run", epochs=1, steps_per_epoch=2, batch_size=2, patch_size=[8, 32, 32],
+        extra_overrides=["model.backbone.params.depth=2", "model.backbone.params.first_filters=4"],
+    )
+    outcome = run_training(
+        request, [ImageLayer("volume", noisy, "ZYX")], painted_slices, resume=False,
+        callbacks=TrainingCallbacks(epoch=epochs.append), stop=threading.Event(),
+    )
+    assert outcome.finished and [e["epoch"] for e in epochs] == [1]
+    assert (tmp_path / "run" / "best.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "napari_data" / "train" / "masks").iterdir()) == ["volume_0000_z0004-0008.tif"]
