@@ -2,8 +2,8 @@
 
 Every package is checked here before bioimageio.spec or bioimageio.core see it: it must
 be a zip file, every member path must stay inside the folder it would be extracted to
-(no absolute paths, drive letters or ``..``), and it must carry a model description. The
-description is then validated with file checks (every referenced file present, every
+(no absolute paths, drive letters or ``..``), and it must carry a model description, which
+must parse as YAML within limits (no alias bombs). The description is then validated with file checks (every referenced file present, every
 sha256 right); any problem is one line of :class:`~denoiseg_core.errors.DenoiSegError`.
 """
 
@@ -52,16 +52,36 @@ def check_package_zip(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            for name in names:
+                if unsafe_member(name):
+                    raise PackageError(f"unsafe member path {name!r} would escape the target folder; refusing the package", path)
+            descriptions = [name for name in names if _is_description_name(name)]
+            if not descriptions:
+                raise PackageError(
+                    "not a bioimage.io model package (no rdf.yaml or *.bioimageio.yaml at the top of the zip)", path
+                )
+            for name in descriptions:
+                check_description_yaml(archive, name, path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise PackageError(f"cannot read zip ({exc})", path) from None
-    for name in names:
-        if unsafe_member(name):
-            raise PackageError(f"unsafe member path {name!r} would escape the target folder; refusing the package", path)
-    if not any(_is_description_name(name) for name in names):
-        raise PackageError(
-            "not a bioimage.io model package (no rdf.yaml or *.bioimageio.yaml at the top of the zip)", path
-        )
     return names
+
+
+def check_description_yaml(archive: zipfile.ZipFile, name: str, path: Path) -> None:
+    """Parse a package's description with limits before bioimageio.spec sees it: a syntax
+    error, an oversized file or an alias bomb is one line, not a traceback or a hang."""
+    from denoiseg_core.errors import DataError
+    from denoiseg_core.io import MAX_YAML_BYTES, load_yaml
+
+    if archive.getinfo(name).file_size > MAX_YAML_BYTES:
+        raise PackageError(f"{name} is larger than {MAX_YAML_BYTES // 2**20} MiB; refusing the package", path)
+    try:
+        text = archive.read(name).decode("utf-8")
+        load_yaml(text, name)
+    except UnicodeDecodeError:
+        raise PackageError(f"{name} is not UTF-8 text", path) from None
+    except DataError as exc:
+        raise PackageError(f"{exc}", path) from None
 
 
 def summary_reason(summary: Any, limit: int = 3) -> str:
@@ -104,11 +124,13 @@ def read_member(path: Path, name: str) -> bytes:
     """The bytes of one member of a (checked) package."""
     if unsafe_member(name):
         raise PackageError(f"unsafe file name {name!r} in the package description", path)
-    with zipfile.ZipFile(path) as archive:
-        try:
+    try:
+        with zipfile.ZipFile(path) as archive:
             return archive.read(name)
-        except KeyError:
-            raise PackageError(f"file {name!r} named in the description is missing from the package", path) from None
+    except KeyError:
+        raise PackageError(f"file {name!r} named in the description is missing from the package", path) from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PackageError(f"cannot read {name!r} from the package ({type(exc).__name__})", path) from None
 
 
 def source_name(file_descr: Any) -> str:
