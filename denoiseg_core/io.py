@@ -100,7 +100,7 @@ def check_outputs(
     """The checks every command runs on its outputs before any work (the same ``--overwrite``
     rules everywhere): no output is an input, no two outputs are the same file, an existing
     output needs ``--overwrite``, an existing output must be a file, and its folder must be
-    creatable and writable."""
+    creatable and writable. Temporary files a killed run left beside the outputs are removed."""
     protected = {Path(p).resolve() for p in inputs}
     seen: set[Path] = set()
     folders: set[Path] = set()
@@ -122,6 +122,7 @@ def check_outputs(
         folders.add(output.parent)
     for folder in folders:
         check_writable_folder(folder)
+    remove_stale_temporaries(seen)  # left by a killed run of a command writing these outputs
 
 
 def check_writable_folder(folder: Path) -> None:
@@ -232,7 +233,8 @@ def plan_batch_outputs(
     Outputs may never be inputs or collide with each other. An existing output needs
     ``--overwrite``; with ``--skip-existing`` an input whose outputs all exist is skipped (an
     interrupted run continues where it stopped) and the outputs of one that was cut off half
-    way are written again. Temporary files a killed run left beside the outputs are removed.
+    way are written again. Temporary files a killed run left beside the outputs are removed
+    (by :func:`check_outputs`).
     """
     from denoiseg_core.errors import ConfigError
 
@@ -252,7 +254,6 @@ def plan_batch_outputs(
                 existing[0],
             )
         todo.append(True)
-    remove_stale_temporaries(everything)
     return todo
 
 

@@ -36,6 +36,7 @@ def export_command(
 ) -> None:
     """Export a checkpoint as a tested bioimage.io model package (TorchScript, ONNX, state dict)."""
     from denoiseg_core.checkpoint import trusting_checkpoints
+    from denoiseg_core.io import remove_stale_temporaries
     from denoiseg_zoo.export import ExportOptions, export_package
 
     options = ExportOptions(
@@ -48,6 +49,7 @@ def export_command(
         masks=mask or (),
         overwrite=overwrite,
     )
+    remove_stale_temporaries([out])  # a killed export's .NAME.xxxx.partial.zip
     with trusting_checkpoints(trust_checkpoint):
         result = export_package(checkpoint, out, options, log=_echo)
     typer.echo(f"package written and tested (torchscript {result.torchscript_how}, onnx, pytorch_state_dict): {result.path}")

@@ -283,7 +283,26 @@ def load_runnable(path: Path):
     """The validated description of a package that ``zoo predict`` can run."""
     descr = load_package(Path(path))
     input_layout(descr)  # one input with supported axes
+    section = denoiseg_section(descr)
+    if section is not None:
+        check_output_channels(descr, section, Path(path))
     return descr
+
+
+def check_output_channels(descr: Any, section: dict, path: Path) -> None:
+    """``config.denoiseg.output_channels`` must index channels the output has (checked before any work)."""
+    from bioimageio.spec.model.v0_5 import ChannelAxis
+
+    channels = next((len(a.channel_names) for a in descr.outputs[0].axes if isinstance(a, ChannelAxis)), None)
+    try:
+        wanted = {kind: [int(i) for i in section["output_channels"][kind]] for kind in ("denoised", "probabilities")}
+    except (KeyError, TypeError, ValueError):
+        raise PackageError("config.denoiseg.output_channels must list the denoised and probabilities channels", path) from None
+    bad = [i for indices in wanted.values() for i in indices if channels is None or not 0 <= i < channels]
+    if bad or not all(wanted.values()):
+        raise PackageError(
+            f"config.denoiseg.output_channels {wanted} do not fit the output's {channels or 0} channels", path
+        )
 
 
 def write_prediction(
