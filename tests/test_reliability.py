@@ -26,7 +26,6 @@ from denoiseg_core.checkpoint import Normalization, read_checkpoint_state, save_
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.model import build_model
-from denoiseg_core.safeguards import claim_run_folder
 from denoiseg_core.synthetic import write_synthetic_dataset
 from denoiseg_core.training import Trainer, train
 
@@ -223,6 +222,8 @@ def test_outputs_follow_the_umask(checkpoint, images, tmp_path, capsys):
 
 
 def test_run_folder_is_locked_against_a_second_training(data, tmp_path):
+    from denoiseg_core.safeguards import claim_run_folder
+
     config = DenoiSegConfig.model_validate(yaml.safe_load(tiny_config_file(tmp_path, data, tmp_path / "run", epochs=1).read_text()))
     lock = claim_run_folder(tmp_path / "run")  # as a training running in another process holds it
     try:
@@ -270,7 +271,8 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     [
         "last.pt:2:before",  # between epoch 2's best.pt and last.pt writes (its last.pt left as a .part)
         "last.pt:3:after",  # after the final last.pt, before log.csv and threshold tuning
-        "best.pt:1:after",  # after the first best.pt, before the first last.pt (nothing to resume)
+        "best.pt:2:before",  # while best.pt is written (an orphan .best.pt.xxxx.part with the true best weights)
+        "best.pt:1:after",  # after the first best.pt, before the first last.pt (nothing to resume: start again)
     ],
 )
 def test_sigkill_during_training_then_resume_gives_the_uninterrupted_run(kill_at, data, reference_run, tmp_path):
