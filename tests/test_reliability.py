@@ -472,3 +472,17 @@ def test_config_alias_bomb_is_refused_quickly(tmp_path, capsys):
     bomb.write_text("\n".join(lines) + "\nseed: 0\n")
     code, _, err = run_cli(["config", "show", bomb], capsys)
     one_line_error(code, err, "aliases expand")
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.full((40, 52), 1e300), "beyond the float32 range"),  # finite, so not "NaN or infinite"
+        (np.zeros((40, 52, 3), np.uint8), "RGB"),  # not "3-D image"
+    ],
+)
+def test_unclear_messages_name_the_real_problem(image, message, checkpoint, tmp_path, capsys):
+    path = tmp_path / "image.tif"
+    tifffile.imwrite(path, image)
+    code, _, err = run_cli(["predict", checkpoint, path, "--out", tmp_path / "out"], capsys)
+    one_line_error(code, err, "image.tif", message)

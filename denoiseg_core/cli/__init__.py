@@ -47,13 +47,21 @@ def main(argv: list[str] | None = None) -> None:
         typer.secho(f"error: {where}{exc.strerror or exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except MemoryError:
-        typer.secho(
-            "error: out of memory: a setting asks for more memory than this machine has "
-            "(e.g. training.batch_size, data.patch_size, --tile, --batch-size)",
-            fg=typer.colors.RED,
-            err=True,
-        )
-        sys.exit(2)
+        _out_of_memory()
+    except RuntimeError as exc:  # torch's allocators report exhaustion as RuntimeError (OutOfMemoryError on CUDA)
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+            raise
+        _out_of_memory()
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
+
+
+def _out_of_memory() -> None:
+    typer.secho(
+        "error: out of memory: a setting asks for more memory than this machine has "
+        "(e.g. training.batch_size, data.patch_size, --tile, --batch-size)",
+        fg=typer.colors.RED,
+        err=True,
+    )
+    sys.exit(2)

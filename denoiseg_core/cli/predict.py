@@ -79,6 +79,8 @@ def precheck_input(path: Path, model: LoadedModel) -> None:
         return
     axes = model_axes(model)
     if axes == "auto":
+        if len(shape) == 3 and shape[-1] in (3, 4) and model.ndim == 2:
+            raise DataError(f"shape {shape} looks like an RGB(A) image; convert it to a single-channel (grayscale) image", path)
         if len(shape) in (2, 3):
             check_image_matches_model(path, len(shape), 1, model)
     elif len(shape) == len(axes):
