@@ -486,3 +486,4 @@ def test_unclear_messages_name_the_real_problem(image, message, checkpoint, tmp_
     tifffile.imwrite(path, image)
     code, _, err = run_cli(["predict", checkpoint, path, "--out", tmp_path / "out"], capsys)
     one_line_error(code, err, "image.tif", message)
+

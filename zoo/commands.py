@@ -36,7 +36,7 @@ def export_command(
 ) -> None:
     """Export a checkpoint as a tested bioimage.io model package (TorchScript, ONNX, state dict)."""
     from denoiseg_core.checkpoint import trusting_checkpoints
-    from denoiseg_core.io import remove_stale_temporaries
+    from denoiseg_core.io import check_outputs, remove_stale_temporaries
     from denoiseg_zoo.export import ExportOptions, export_package
 
     options = ExportOptions(
@@ -49,6 +49,8 @@ def export_command(
         masks=mask or (),
         overwrite=overwrite,
     )
+    # before any work: the package may replace none of its inputs and must be writable
+    check_outputs([out], inputs=[checkpoint, *(sample or []), *(mask or [])], overwrite=overwrite, what="package")
     remove_stale_temporaries([out])  # a killed export's .NAME.xxxx.partial.zip
     with trusting_checkpoints(trust_checkpoint):
         result = export_package(checkpoint, out, options, log=_echo)
