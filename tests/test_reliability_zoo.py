@@ -204,3 +204,12 @@ def test_export_removes_the_orphan_of_a_killed_export(exported, tmp_path, capsys
     code, _, err = run_cli(["zoo", "export", exported["checkpoint"], "--out", out, "--name", "DenoiSeg reliability model"], capsys)
     assert code == 0, err
     assert out.is_file() and not Path(orphan).exists() and not list(tmp_path.glob(".m.zip.*"))
+
+
+def test_missing_weights_file_is_named(exported, tmp_path, capsys):
+    with zipfile.ZipFile(exported["package"]) as source, zipfile.ZipFile(tmp_path / "gap.zip", "w") as out:
+        for name in source.namelist():
+            if name != "weights.onnx":
+                out.writestr(name, source.read(name))
+    code, _, err = run_cli(["zoo", "test", tmp_path / "gap.zip"], capsys)  # was "expected str, bytes or os.PathLike object, not NoneType"
+    one_line_error(code, err, "gap.zip", "'weights.onnx' named in rdf.yaml is missing from the package")

@@ -61,13 +61,31 @@ def check_package_zip(path: Path) -> list[str]:
                     "not a bioimage.io model package (no rdf.yaml or *.bioimageio.yaml at the top of the zip)", path
                 )
             for name in descriptions:
-                check_description_yaml(archive, name, path)
+                description = check_description_yaml(archive, name, path)
+                missing = sorted(set(referenced_files(description)) - set(names))
+                if missing:  # bioimageio.spec's own message for this is about a NoneType
+                    raise PackageError(f"file {missing[0]!r} named in {name} is missing from the package", path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise PackageError(f"cannot read zip ({exc})", path) from None
     return names
 
 
-def check_description_yaml(archive: zipfile.ZipFile, name: str, path: Path) -> None:
+def referenced_files(node: Any) -> list[str]:
+    """Package-relative file names a description points to (``source:`` entries that are not URLs)."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        source = node.get("source")
+        if isinstance(source, str) and "://" not in source and not source.startswith(("/", "doi:")):
+            found.append(str(PurePosixPath(source)).removeprefix("./"))
+        for value in node.values():
+            found.extend(referenced_files(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(referenced_files(value))
+    return found
+
+
+def check_description_yaml(archive: zipfile.ZipFile, name: str, path: Path) -> Any:
     """Parse a package's description with limits before bioimageio.spec sees it: a syntax
     error, an oversized file or an alias bomb is one line, not a traceback or a hang."""
     from denoiseg_core.errors import DataError
@@ -77,7 +95,7 @@ def check_description_yaml(archive: zipfile.ZipFile, name: str, path: Path) -> N
         raise PackageError(f"{name} is larger than {MAX_YAML_BYTES // 2**20} MiB; refusing the package", path)
     try:
         text = archive.read(name).decode("utf-8")
-        load_yaml(text, name)
+        return load_yaml(text, name)
     except UnicodeDecodeError:
         raise PackageError(f"{name} is not UTF-8 text", path) from None
     except DataError as exc:
