@@ -213,3 +213,13 @@ def test_missing_weights_file_is_named(exported, tmp_path, capsys):
                 out.writestr(name, source.read(name))
     code, _, err = run_cli(["zoo", "test", tmp_path / "gap.zip"], capsys)  # was "expected str, bytes or os.PathLike object, not NoneType"
     one_line_error(code, err, "gap.zip", "'weights.onnx' named in rdf.yaml is missing from the package")
+
+
+def test_huge_declared_input_size_is_named(exported, tmp_path, capsys):
+    rdf = yaml.safe_load(zipfile.ZipFile(exported["package"]).read("rdf.yaml"))
+    for axis in rdf["inputs"][0]["axes"]:
+        if axis.get("type") == "space":
+            axis["size"] = {"min": 10**9, "step": 16}
+    package = rewrite_package(exported["package"], tmp_path / "huge.zip", rdf=rdf)
+    code, _, err = run_cli(["zoo", "test", package], capsys)  # was "No functions provided to try"
+    one_line_error(code, err, "huge.zip", "1,000,000,000")

@@ -65,6 +65,7 @@ def check_package_zip(path: Path) -> list[str]:
                 missing = sorted(set(referenced_files(description)) - set(names))
                 if missing:  # bioimageio.spec's own message for this is about a NoneType
                     raise PackageError(f"file {missing[0]!r} named in {name} is missing from the package", path)
+                check_declared_sizes(description, name, path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise PackageError(f"cannot read zip ({exc})", path) from None
     return names
@@ -83,6 +84,27 @@ def referenced_files(node: Any) -> list[str]:
         for value in node:
             found.extend(referenced_files(value))
     return found
+
+
+#: the largest input size along one axis a package may declare (larger ones are a broken or
+#: hostile description; bioimageio.spec's message for them is "No functions provided to try")
+MAX_DECLARED_AXIS_SIZE = 65536
+
+
+def check_declared_sizes(description: Any, name: str, path: Path) -> None:
+    """One line for an input axis whose declared (minimum) size is absurdly large."""
+    inputs = description.get("inputs") if isinstance(description, dict) else None
+    for tensor in inputs if isinstance(inputs, list) else []:
+        axes = tensor.get("axes") if isinstance(tensor, dict) else None
+        for axis in axes if isinstance(axes, list) else []:
+            size = axis.get("size") if isinstance(axis, dict) else None
+            smallest = size.get("min") if isinstance(size, dict) else size
+            if isinstance(smallest, int) and smallest > MAX_DECLARED_AXIS_SIZE:
+                raise PackageError(
+                    f"{name}: input {tensor.get('id', '?')!r} declares size {smallest:,} on axis {axis.get('id', '?')!r} "
+                    f"(more than {MAX_DECLARED_AXIS_SIZE:,}); refusing the package",
+                    path,
+                )
 
 
 def check_description_yaml(archive: zipfile.ZipFile, name: str, path: Path) -> Any:
