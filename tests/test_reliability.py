@@ -303,15 +303,17 @@ def test_best_checkpoint_records_the_epoch_of_its_weights(data, tmp_path, monkey
 # --------------------------------------------------------------------------- 3. faults are one line
 
 
-def test_full_disk_is_one_line_and_leaves_nothing(checkpoint, images, tmp_path, capsys, monkeypatch):
-    """ENOSPC injected at the write call (works everywhere; see the tmpfs variant below)."""
+@pytest.mark.parametrize("code_", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO])
+def test_write_faults_are_one_line_and_leave_nothing(code_, checkpoint, images, tmp_path, capsys, monkeypatch):
+    """A full disk (ENOSPC), a read-only mount, a permission problem or an I/O error, injected
+    at the write call (works everywhere, also as root; see the tmpfs variant below)."""
 
-    def full(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    def failing(self, data):
+        raise OSError(code_, os.strerror(code_), str(self))
 
-    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", failing)
     code, _, err = run_cli(["predict", checkpoint, images / "img0.tif", "--out", tmp_path / "out"], capsys)
-    one_line_error(code, err, "No space left on device", "img0_denoised.tif")
+    one_line_error(code, err, os.strerror(code_), "img0_denoised.tif")
     assert not (tmp_path / "out").exists() or tree(tmp_path / "out") == set()
 
 
@@ -487,3 +489,20 @@ def test_unclear_messages_name_the_real_problem(image, message, checkpoint, tmp_
     code, _, err = run_cli(["predict", checkpoint, path, "--out", tmp_path / "out"], capsys)
     one_line_error(code, err, "image.tif", message)
 
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "config"])
+def test_full_disk_in_every_writer_is_one_line(command, checkpoint, data, tmp_path, capsys, monkeypatch):
+    args = {
+        "train": ["train", tiny_config_file(tmp_path, data, tmp_path / "run", epochs=1), "--no-progress"],
+        "evaluate": ["evaluate", checkpoint, "--images", data["test"] / "images", "--masks", data["test"] / "masks", "--json", tmp_path / "m.json"],
+        "config": ["config", "init", tmp_path / "c.yaml"],
+    }[command]
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    code, _, err = run_cli(args, capsys)
+    one_line_error(code, err, "No space left on device")
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
