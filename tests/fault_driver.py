@@ -2,7 +2,8 @@
 
 ``DENOISEG_KILL_AT=NAME:N:WHEN`` kills this process with SIGKILL at the N-th atomic write
 onto a file called NAME: ``before`` the temporary file is renamed onto it (the temporary
-``.NAME.xxxx.part`` is complete but orphaned, NAME keeps its old content) or right ``after``.
+``.NAME.xxxx.part`` is complete but orphaned, NAME keeps its old content) or right ``after``;
+``stop`` sends SIGSTOP instead, before the rename (the process pauses there, holding what it holds).
 Usage: ``python tests/fault_driver.py train config.yaml ...`` (the arguments of ``denoiseg``).
 """
 
@@ -19,8 +20,8 @@ _counts: dict[str, int] = {}
 
 def _parse(spec: str) -> tuple[str, int, str]:
     name, nth, when = spec.split(":")
-    if when not in ("before", "after"):
-        raise SystemExit(f"DENOISEG_KILL_AT: WHEN must be before or after, got {when!r}")
+    if when not in ("before", "after", "stop"):
+        raise SystemExit(f"DENOISEG_KILL_AT: WHEN must be before, after or stop, got {when!r}")
     return name, int(nth), when
 
 
@@ -32,6 +33,8 @@ def _replace_then_maybe_die(src, dst, *args, **kwargs):
         hit = _counts[name] == nth
     if hit and when == "before":
         os.kill(os.getpid(), signal.SIGKILL)
+    if hit and when == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
     result = _real_replace(src, dst, *args, **kwargs)
     if hit and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)

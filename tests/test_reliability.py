@@ -235,6 +235,30 @@ def test_run_folder_is_locked_against_a_second_training(data, tmp_path):
     train(config, progress=False, log=lambda _: None)  # released: the folder is usable again
 
 
+def test_two_trainings_into_one_new_run_folder(data, tmp_path):
+    """Two real processes: the first pauses mid-run (SIGSTOP at its first last.pt write, holding
+    the lock); the second, started into the same new folder, stops with one line."""
+    import signal
+    import time
+
+    config = tiny_config_file(tmp_path, data, tmp_path / "run", epochs=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DENOISEG_KILL_AT": "last.pt:1:stop"}
+    first = subprocess.Popen([sys.executable, str(TESTS / "fault_driver.py"), "train", config, "--no-progress"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while Path(f"/proc/{first.pid}/stat").read_text().split(") ")[1][0] != "T":
+            assert first.poll() is None and time.monotonic() < deadline, "the first training did not reach its pause"
+            time.sleep(0.2)
+        second = run_subprocess(["train", config, "--no-progress"])
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "in use by another training" in second.stderr and f"process {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not (tmp_path / "run" / "last.pt").exists()  # only the paused first run ever wrote here
+
+
 def test_resume_refuses_to_change_data_model_or_seed(data, tmp_path, capsys):
     config = tiny_config_file(tmp_path, data, tmp_path / "run", epochs=1)
     assert run_cli(["train", config, "--no-progress"], capsys)[0] == 0

@@ -14,10 +14,13 @@ import tifffile
 import yaml
 
 from denoiseg_core.checkpoint import read_checkpoint_state
+from denoiseg_core.config import load_config
+from denoiseg_core.synthetic import write_synthetic_dataset
+from denoiseg_core.training import Trainer
 from denoiseg_zoo.export import ExportOptions, export_package
 
 from cli_helpers import run_cli, tree
-from test_reliability import one_line_error, run_subprocess
+from test_reliability import one_line_error, run_subprocess, tiny_config_file
 from test_zoo_package import train_tiny_checkpoint
 
 ARCHITECTURE = "denoiseg_architecture.py"
@@ -107,6 +110,13 @@ def test_import_and_init_from_rebuild_from_the_installed_plugin(exported, tmp_pa
     imported, original = read_checkpoint_state(tmp_path / "model.pt"), read_checkpoint_state(exported["checkpoint"])
     for key, value in original["model_state"].items():
         assert np.array_equal(imported["model_state"][key].numpy(), value.numpy()), key
+
+    data = write_synthetic_dataset(tmp_path / "data", n_train=2, n_labelled=1, n_val=1, n_test=1, shape=(64, 64), seed=3)
+    config = tiny_config_file(tmp_path, data, tmp_path / "run", epochs=1)
+    trainer = Trainer(load_config(config), init_from=package, progress=False, log=lambda _: None)
+    assert not marker.exists(), "train --init-from ran the package's Python"
+    for key, value in original["model_state"].items():
+        assert np.array_equal(trainer.net.state_dict()[key].numpy(), value.numpy()), key
 
 
 def _alias_bomb(levels: int = 9) -> str:
