@@ -52,13 +52,14 @@ from typing import Any
 
 import numpy as np
 
-from denoiseg_core.checkpoint import load_checkpoint
+from denoiseg_core.checkpoint import load_checkpoint, read_checkpoint_state
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import ImageRecord
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.io import atomic_write_bytes, atomic_write_text, read_image
 from denoiseg_core.metrics import evaluate_segmentation, psnr
 from denoiseg_core.prediction import predict_image, segment
+from denoiseg_core.training import BEST_DENOISING
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPOSITORY.parent / "shared" / "data" / "dsb2018"
@@ -98,8 +99,6 @@ class Budget:
     #: validation crops scored (AP) after each epoch; ``None``: all of them
     validation_images: int | None
     learning_rate: float = 4e-4
-    #: fraction of each batch drawn from labelled crops for denoiseg (``None``: uniform, the paper)
-    labelled_fraction: float | None = 0.25
 
     @property
     def steps(self) -> int:
@@ -139,6 +138,10 @@ BUDGETS: dict[str, Budget] = {
         validation_images=None,
     ),
     "short": replace(_CPU_BUDGET, note="exploration, about 5 min on 2 CPU cores", epochs=8, lr_patience=2),
+    # the cpu budget's network and batch for a third of its steps: recipes are screened with it first
+    # (its ranking of recipes is checked against the cpu budget's in the ablation table)
+    "screen": replace(_CPU_BUDGET, note="screening recipes, about 3 min of training on 2 CPU cores", epochs=10,
+                      lr_patience=2),
     "tiny": Budget(
         note="smoke test only, seconds",
         backbone={"depth": 2, "first_filters": 8},
@@ -151,12 +154,75 @@ BUDGETS: dict[str, Budget] = {
     ),
 }
 
-#: method -> loss weight alpha of the denoising term. ``baseline_mixed`` is a diagnostic: alpha 0 on all
-#: crops sampled exactly like DenoiSeg, so it sees as many labelled patches per step as DenoiSeg does.
-#: ``sequential``'s alpha is that of its segmentation stage (its first stage is pure N2V).
-METHOD_ALPHA = {"denoiseg": 0.5, "baseline": 0.0, "n2v": 1.0, "baseline_mixed": 0.0, "sequential": 0.0}
-#: methods whose batches mix labelled and unlabelled crops with ``labelled_fraction``
-MIXED_SAMPLING = ("denoiseg", "baseline_mixed")
+#: method -> loss weight alpha of the denoising term. ``sequential``'s alpha is that of its
+#: segmentation stage (its first stage is pure N2V).
+METHOD_ALPHA = {"denoiseg": 0.5, "baseline": 0.0, "n2v": 1.0, "sequential": 0.0}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named training recipe: a method plus the training settings it changes.
+
+    ``training`` holds ``training.*`` config values; ``warm_start_fraction`` there is turned into
+    ``warm_start_epochs`` of the budget. A recipe that leaves a setting out gets the config's
+    default, so ``default`` is exactly what ``denoiseg train`` does.
+    """
+
+    method: str
+    description: str
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+#: the settings of the first DenoiSeg port (before this ablation); recipes below change one lever
+#: at a time from ``TUNED``, which only picks checkpoints at the tuned threshold
+_LEVERS_OFF = {"ema_decay": None, "warm_start_epochs": 0, "weight_decay": 0.0, "intensity_jitter": 0.0,
+               "semi_supervised": None}
+_V1 = {**_LEVERS_OFF, "labelled_fraction": 0.25, "best_metric": "val_ap50"}
+_TUNED = {**_V1, "best_metric": "val_ap50_tuned"}
+_MEAN_TEACHER = {"name": "mean_teacher", "params": {}}
+_PSEUDO_LABELS = {"name": "mean_teacher", "params": {"loss": "cross_entropy", "confidence": 0.9, "weight": 1.0}}
+RECIPES: dict[str, Recipe] = {
+    "baseline": Recipe("baseline", "segmentation only (alpha 0) on the labelled crops, checkpoint by AP at "
+                       "threshold 0.5", {**_V1, "labelled_fraction": None}),
+    "baseline_ema": Recipe("baseline", "the baseline with the evaluation levers every recipe may use: EMA 0.99 "
+                           "and checkpoint by AP at the tuned threshold",
+                           {**_TUNED, "labelled_fraction": None, "ema_decay": 0.99}),
+    "sequential": Recipe("sequential", "the paper's Sequential: N2V for half the steps, then segmentation only "
+                         "on the denoised labelled crops", {**_V1, "labelled_fraction": None}),
+    "n2v": Recipe("n2v", "pure Noise2Void (alpha 1), for the denoising comparison",
+                  {**_LEVERS_OFF, "labelled_fraction": None, "best_metric": "val_loss"}),
+    "paper": Recipe("denoiseg", "the paper's DenoiSeg: alpha 0.5, batches drawn uniformly from all crops, "
+                    "checkpoint by validation loss", {**_LEVERS_OFF, "labelled_fraction": None, "best_metric": "val_loss"}),
+    "denoiseg_v1": Recipe("denoiseg", "the first port's default: a quarter of each batch labelled, checkpoint by "
+                          "AP at threshold 0.5", _V1),
+    "tuned_ckpt": Recipe("denoiseg", "denoiseg_v1, checkpoint by AP at each epoch's best threshold", _TUNED),
+    "ema": Recipe("denoiseg", "tuned_ckpt + EMA of the weights (decay 0.99)", {**_TUNED, "ema_decay": 0.99}),
+    "warm_start": Recipe("denoiseg", "tuned_ckpt + N2V-only warm start for the first third of the epochs",
+                         {**_TUNED, "warm_start_fraction": 1 / 3}),
+    "mean_teacher": Recipe("denoiseg", "tuned_ckpt + EMA 0.99 + mean-teacher consistency on every patch",
+                           {**_TUNED, "ema_decay": 0.99, "semi_supervised": _MEAN_TEACHER}),
+    "half_labelled": Recipe("denoiseg", "tuned_ckpt with half of each batch from labelled crops",
+                            {**_TUNED, "labelled_fraction": 0.5}),
+    "alpha_0.3": Recipe("denoiseg", "tuned_ckpt with alpha 0.3 (more weight on segmentation)", {**_TUNED, "alpha": 0.3}),
+    "weight_decay": Recipe("denoiseg", "tuned_ckpt + AdamW weight decay 0.01", {**_TUNED, "weight_decay": 0.01}),
+    "intensity_jitter": Recipe("denoiseg", "tuned_ckpt + random gain/offset 0.2 per patch",
+                               {**_TUNED, "intensity_jitter": 0.2}),
+    "pseudo_labels": Recipe("denoiseg", "tuned_ckpt + EMA 0.99 + the teacher's confident classes (> 0.9) as "
+                            "pseudo-labels on every patch (mean_teacher with cross_entropy, weight 1)",
+                            {**_TUNED, "ema_decay": 0.99, "semi_supervised": _PSEUDO_LABELS}),
+    "combo_a": Recipe("denoiseg", "EMA + warm start + mean teacher",
+                      {**_TUNED, "ema_decay": 0.99, "warm_start_fraction": 1 / 3, "semi_supervised": _MEAN_TEACHER}),
+    "combo_b": Recipe("denoiseg", "EMA + mean teacher + half labelled",
+                      {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _MEAN_TEACHER}),
+    "combo_d": Recipe("denoiseg", "EMA + pseudo-labels + half labelled",
+                      {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _PSEUDO_LABELS}),
+    "combo_c": Recipe("denoiseg", "EMA + warm start + half labelled",
+                      {**_TUNED, "ema_decay": 0.99, "warm_start_fraction": 1 / 3, "labelled_fraction": 0.5}),
+    "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),
+}
+#: recipes drawn as lines in the plot, with their colours
+_PLOT_COLOURS = {"default": "tab:red", "baseline": "tab:green", "baseline_ema": "tab:olive",
+                 "sequential": "tab:purple", "paper": "tab:orange"}
 
 
 # --------------------------------------------------------------------------- data and split
@@ -287,21 +353,18 @@ def few_shot(records: Sequence[ImageRecord], n_labelled: int, seed: int) -> tupl
 @dataclass
 class RunSpec:
     budget: str
-    method: str
+    recipe: str
     noise: float
     n_labelled: int
     seed: int
-    labelled_fraction: float | None
-    learning_rate: float
-    best_metric: str
     precision: str = "auto"
 
+    @property
+    def method(self) -> str:
+        return RECIPES[self.recipe].method
+
     def key(self) -> str:
-        fraction = "uniform" if self.labelled_fraction is None else f"{self.labelled_fraction:g}"
-        return (
-            f"{self.budget}/n{self.noise:g}/N{self.n_labelled}/{self.method}/lf{fraction}/lr{self.learning_rate:g}"
-            f"/{self.best_metric}/seed{self.seed}"
-        )
+        return f"{self.budget}/n{self.noise:g}/N{self.n_labelled}/{self.recipe}/seed{self.seed}"
 
 
 @dataclass
@@ -335,9 +398,16 @@ def prepare(data_dir: Path, split: dict[str, list[str]], sigma: float, data_seed
     )
 
 
-def make_config(spec: RunSpec, budget: Budget, run_dir: Path) -> DenoiSegConfig:
-    """The training config of ``spec`` (for ``sequential``: of its segmentation stage)."""
-    alpha = METHOD_ALPHA[spec.method]
+def make_config(spec: RunSpec, budget: Budget, run_dir: Path, method: str | None = None) -> DenoiSegConfig:
+    """The training config of ``spec`` (``method`` overrides the recipe's, e.g. Sequential's N2V stage)."""
+    method = method or spec.method
+    training: dict[str, Any] = {} if method == "n2v" and spec.method != "n2v" else dict(RECIPES[spec.recipe].training)
+    if method == "n2v":  # also Sequential's first stage
+        training.update(RECIPES["n2v"].training)
+    fraction = training.pop("warm_start_fraction", None)
+    if fraction:
+        training["warm_start_epochs"] = max(1, round(fraction * budget.epochs))
+    training.setdefault("alpha", METHOD_ALPHA[method])
     return DenoiSegConfig.model_validate(
         {
             "seed": spec.seed,
@@ -345,21 +415,17 @@ def make_config(spec: RunSpec, budget: Budget, run_dir: Path) -> DenoiSegConfig:
             "data": {"patch_size": [budget.patch_size, budget.patch_size]},
             "model": {"backbone": {"name": "unet", "params": budget.backbone}},
             "training": {
-                "alpha": alpha,
                 "epochs": budget.epochs,
                 "steps_per_epoch": budget.steps_per_epoch,
                 "batch_size": budget.batch_size,
-                # the baseline trains on labelled crops only, so there is nothing to balance
-                "labelled_fraction": spec.labelled_fraction if spec.method in MIXED_SAMPLING else None,
-                "learning_rate": spec.learning_rate,
+                "learning_rate": budget.learning_rate,
                 "lr_patience": budget.lr_patience,
                 # pure N2V trains no segmentation: scoring one validation crop keeps the log honest and cheap
-                "validation_images": 1 if spec.method == "n2v" else budget.validation_images,
-                "threshold_tuning": spec.method != "n2v",
-                # pure N2V has no trained segmentation, so validation AP cannot pick its checkpoint
-                "best_metric": "val_loss" if spec.method == "n2v" else spec.best_metric,
+                "validation_images": 1 if method == "n2v" else budget.validation_images,
+                "threshold_tuning": method != "n2v",
                 "device": "auto",
                 "precision": spec.precision,
+                **training,
             },
         }
     )
@@ -388,9 +454,9 @@ def evaluate_run(checkpoint: Path, data: Prepared, segmentation: bool) -> dict[s
     }
     if segmentation:
         scores = evaluate_segmentation(data.test_labels, predictions, names=data.test_ids)
-        result.update(ap50=scores["ap50"], map=scores["map"], seg=scores["seg"])
+        result.update(ap50=scores["ap50"], map=scores["map"], seg=scores["seg"], seg_pooled=scores["seg_pooled"])
     else:
-        result.update(ap50=None, map=None, seg=None)
+        result.update(ap50=None, map=None, seg=None, seg_pooled=None)
     return result
 
 
@@ -412,8 +478,7 @@ def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any
     if spec.method == "sequential":
         # equal budget: half of the epochs denoise, the other half segment
         budget = replace(budget, epochs=max(1, budget.epochs // 2))
-        n2v_spec = replace(spec, method="n2v", best_metric="val_loss")
-        n2v_config = make_config(n2v_spec, budget, run_dir.with_name(run_dir.name + "_stage1_n2v"))
+        n2v_config = make_config(spec, budget, run_dir.with_name(run_dir.name + "_stage1_n2v"), method="n2v")
         log("-- sequential, stage 1: Noise2Void on all training crops")
         n2v = Trainer(n2v_config, progress=False, log=log, records=(train_crops, data.val_crops)).fit()
         denoiser = load_checkpoint(n2v.best_checkpoint)
@@ -427,29 +492,28 @@ def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     figures = evaluate_run(outcome.best_checkpoint, data, segmentation=spec.method != "n2v")
-    # the last weights too: the checkpoint choice moves PSNR and AP (best.pt is what is reported)
-    last = evaluate_run(outcome.last_checkpoint, data, segmentation=spec.method != "n2v")
+    best_denoising = outcome.run_dir / BEST_DENOISING
+    figures["psnr_best_denoising"] = (
+        evaluate_run(best_denoising, data, segmentation=False)["psnr"] if best_denoising.is_file() else None
+    )
     if spec.method == "sequential":
         # its denoising is stage 1's; the segmentation network's own denoising channel is untrained
-        for result in (figures, last):
-            result.update(_test_psnr(data.test_inputs, data))
+        figures.update(_test_psnr(data.test_inputs, data))
+        figures["psnr_best_denoising"] = figures["psnr"]
     return {
         "key": spec.key(),
         "budget": spec.budget,
+        "recipe": spec.recipe,
         "method": spec.method,
-        "alpha": METHOD_ALPHA[spec.method],
         "noise": spec.noise,
         "n_labelled": spec.n_labelled,
         "seed": spec.seed,
-        "labelled_fraction": config.training.labelled_fraction,
-        "learning_rate": spec.learning_rate,
-        "best_metric": config.training.best_metric,
+        "training": config.training.model_dump(mode="json", exclude={"device", "precision"}),
         "precision": trainer.precision,
         **figures,
-        "last_checkpoint": {k: last[k] for k in ("ap50", "map", "seg", "psnr", "psnr_255")},
         "validation_ap50_tuned": outcome.validation.get("ap50"),
         "epochs_run": len(outcome.history),
-        "best_epoch": _best_epoch(outcome.history, config.training.best_metric),
+        "best_epoch": int(read_checkpoint_state(outcome.best_checkpoint)["epoch"]),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(time.perf_counter() - started, 1),
         "n_train_crops": len(train_records),
@@ -478,14 +542,6 @@ def _test_psnr(denoised_images: Sequence[np.ndarray], data: Prepared) -> dict[st
         "psnr": float(np.mean(ranged)) if ranged else math.nan,
         "psnr_255": float(np.mean([psnr(clean, image, data_range=255.0) for image, clean in pairs])),
     }
-
-
-def _best_epoch(history: list[dict[str, float]], metric: str) -> int | None:
-    values = [h.get(metric, math.nan) for h in history]
-    if not values or all(math.isnan(v) for v in values):
-        return None
-    pick = np.nanargmin if metric == "val_loss" else np.nanargmax
-    return int(history[int(pick(values))]["epoch"])
 
 
 # --------------------------------------------------------------------------- results
@@ -524,27 +580,27 @@ def save_results(path: Path, results: dict[str, Any], new_runs: Sequence[dict[st
     atomic_write_text(path, json.dumps(results, indent=1, allow_nan=True) + "\n")
 
 
-def _group_key(run: dict[str, Any]) -> tuple:
-    return (run["budget"], run["noise"], run["n_labelled"], run["method"], run.get("labelled_fraction"),
-            run.get("learning_rate"), run.get("best_metric"))
+#: figures averaged over seeds in the report
+FIGURES = ("ap50", "map", "seg", "seg_pooled", "psnr", "psnr_best_denoising", "psnr_noisy_input",
+           "validation_ap50_tuned")
 
 
 def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of every figure, per setting."""
+    """Mean and standard deviation over seeds of every figure, per (budget, noise, N, recipe)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(_group_key(run), []).append(run)
+        groups.setdefault((run["budget"], run["noise"], run["n_labelled"], run["recipe"]), []).append(run)
+    order = list(RECIPES)
     rows = []
-    # None (uniform sampling, or not applicable) sorts before any number
-    for key in sorted(groups, key=lambda k: tuple((0, "") if v is None else (1, v) for v in k)):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], order.index(k[3]) if k[3] in order else len(order))):
         members = groups[key]
-        row = {"budget": key[0], "noise": key[1], "n_labelled": key[2], "method": key[3], "labelled_fraction": key[4],
-               "learning_rate": key[5], "best_metric": key[6], "seeds": sorted(m["seed"] for m in members),
+        row = {"budget": key[0], "noise": key[1], "n_labelled": key[2], "recipe": key[3],
+               "method": members[0]["method"], "seeds": sorted(m["seed"] for m in members),
                "commands": sorted({m["command"] for m in members}),
                "machines": sorted({_machine_line(m["machine"]) for m in members}),
                "train_minutes": float(np.mean([m["train_seconds"] for m in members])) / 60}
-        for name in ("ap50", "map", "seg", "psnr", "psnr_noisy_input", "psnr_255"):
-            if name in ("psnr", "psnr_255") and key[3] in ("baseline", "baseline_mixed"):
+        for name in FIGURES:
+            if name.startswith("psnr") and name != "psnr_noisy_input" and row["method"] == "baseline":
                 row[name] = None  # alpha 0 never trains the denoising channel: its PSNR means nothing
                 continue
             values = [m[name] for m in members if m.get(name) is not None and not math.isnan(m[name])]
@@ -569,33 +625,50 @@ def _cell(value: tuple[float, float | None] | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
+def _validation_choice(rows: Sequence[dict[str, Any]]) -> dict[tuple, str]:
+    """Per (budget, noise, N): the DenoiSeg recipe with the highest mean validation AP (never the test)."""
+    best: dict[tuple, tuple[float, str]] = {}
+    for row in rows:
+        if row["method"] != "denoiseg" or row["validation_ap50_tuned"] is None:
+            continue
+        setting, value = (row["budget"], row["noise"], row["n_labelled"]), row["validation_ap50_tuned"][0]
+        if setting not in best or value > best[setting][0]:
+            best[setting] = (value, row["recipe"])
+    return {setting: recipe for setting, (_, recipe) in best.items()}
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     rows = summarise(results["runs"])
+    chosen = _validation_choice(rows)
+    baselines = {(r["budget"], r["noise"], r["n_labelled"]): r["ap50"] for r in rows if r["recipe"] == "baseline"}
     lines = [
-        "# DSB2018 few-shot benchmark (generated by `python benchmarks/dsb2018.py report`)",
+        "# DSB2018 few-shot ablation (generated by `python benchmarks/dsb2018.py report`)",
         "",
-        "Test split: full held-out images, same noise as training. AP@0.5 = TP/(TP+FP+FN); mAP = mean AP over",
-        "IoU 0.5:0.95; SEG = CTC SEG; PSNR (dB) of the denoised output against the noise-free image",
-        "(per-image range, mean over images; 'PSNR 255': range 255). Mean ± standard deviation over seeds",
-        "(no ± = one seed). 'checkpoint': what picked the evaluated weights on the validation crops.",
+        "Test split: the 99 full held-out images, same noise as training. AP@0.5 = TP/(TP+FP+FN); mAP = mean AP",
+        "over IoU 0.5:0.95; SEG = CTC SEG averaged over images as the paper ('SEG pooled': over all objects);",
+        "PSNR (dB) of the denoised output against the noise-free image (per-image range, mean over images), from",
+        "the checkpoint that segments best ('PSNR') and from `best_denoising.pt` ('PSNR dn'). 'Δ base' = AP@0.5",
+        "minus the baseline's. 'val AP' = validation AP@0.5 at the tuned threshold, what recipes are chosen by",
+        "(★ = best DenoiSeg recipe on validation at that setting). Mean ± std over seeds (no ± = one seed).",
         "",
-        "| budget | noise | labelled crops | method | labelled fraction | lr | checkpoint | seeds | AP@0.5 | mAP | SEG "
-        "| PSNR | PSNR input | PSNR 255 | train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | noise | N | recipe | seeds | AP@0.5 | Δ base | mAP | SEG | SEG pooled | PSNR | PSNR dn "
+        "| val AP | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        fraction = "uniform" if row["labelled_fraction"] is None else f"{row['labelled_fraction']:g}"
-        if row["method"] in ("baseline", "sequential"):
-            fraction = "all (labelled only)"
-        elif row["method"] == "n2v":
-            fraction = "-"  # no segmentation is trained
+        setting = (row["budget"], row["noise"], row["n_labelled"])
+        base = baselines.get(setting)
+        delta = f"{row['ap50'][0] - base[0]:+.3f}" if base and row["ap50"] and row["recipe"] != "baseline" else "-"
+        star = " ★" if chosen.get(setting) == row["recipe"] else ""
         lines.append(
-            f"| {row['budget']} | n{row['noise']:g} | {row['n_labelled']} | {row['method']} | {fraction} | "
-            f"{row['learning_rate']:g} | {row['best_metric']} | "
-            f"{len(row['seeds'])} | {_cell(row['ap50'])} | {_cell(row['map'])} | {_cell(row['seg'])} | "
-            f"{_cell(row['psnr'], 2)} | {_cell(row['psnr_noisy_input'], 2)} | {_cell(row['psnr_255'], 2)} | "
-            f"{row['train_minutes']:.1f} |"
+            f"| {row['budget']} | n{row['noise']:g} | {row['n_labelled']} | {row['recipe']}{star} | "
+            f"{len(row['seeds'])} | {_cell(row['ap50'])} | {delta} | {_cell(row['map'])} | {_cell(row['seg'])} | "
+            f"{_cell(row['seg_pooled'])} | {_cell(row['psnr'], 2)} | {_cell(row['psnr_best_denoising'], 2)} | "
+            f"{_cell(row['validation_ap50_tuned'])} | {row['train_minutes']:.1f} |"
         )
+    lines += ["", "### Recipes", ""]
+    for name in [n for n in RECIPES if any(r["recipe"] == n for r in rows)]:
+        lines.append(f"- `{name}` ({RECIPES[name].method}): {RECIPES[name].description}")
     lines += ["", "### Commands and machines", ""]
     seen: set[str] = set()
     for row in rows:
@@ -613,18 +686,16 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 #: the paper's DSB2018 test AP@0.5 (TensorFlow, full schedule, mean of 5 runs), for scale in the plot:
-#: (noise sigma, labelled crops) -> method -> AP@0.5
+#: (noise sigma, labelled crops) -> recipe -> AP@0.5
 PAPER_AP50 = {
-    (20.0, 10): {"baseline": 0.549, "denoiseg": 0.678},
-    (0.0, 10): {"baseline": 0.579, "denoiseg": 0.625},
+    (20.0, 10): {"baseline": 0.549, "paper": 0.678},
+    (0.0, 10): {"baseline": 0.579, "paper": 0.625},
 }
-_METHOD_COLOURS = {"denoiseg": "tab:red", "baseline": "tab:green", "sequential": "tab:purple",
-                   "baseline_mixed": "tab:gray"}
-_NOISE_MARKERS = {0.0: "^", 10.0: "s", 20.0: "o"}
+_NOISE_MARKERS = {0.0: "^", 10.0: "s", 20.0: "o", 40.0: "D"}
 
 
 def plot_png(results: dict[str, Any]) -> bytes:
-    """AP@0.5 against the number of labelled crops: one line per method, budget and noise (colour: method,
+    """AP@0.5 against the number of labelled crops: one line per recipe, budget and noise (colour: recipe,
     marker: noise), mean ± std over seeds, with the paper's figures as hollow markers for scale."""
     import io
 
@@ -633,35 +704,31 @@ def plot_png(results: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    segmenters = tuple(_METHOD_COLOURS)
-    rows = [r for r in summarise(results["runs"]) if r["method"] in segmenters and r["ap50"] is not None]
+    shown = tuple(_PLOT_COLOURS)
+    rows = [r for r in summarise(results["runs"]) if r["recipe"] in shown and r["ap50"] is not None]
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     series: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        series.setdefault((row["budget"], row["noise"], row["method"], row["labelled_fraction"]), []).append(row)
-    for (budget, noise, method, fraction), members in sorted(series.items(), key=lambda kv: str(kv[0])):
+        series.setdefault((row["budget"], row["noise"], row["recipe"]), []).append(row)
+    for (budget, noise, recipe), members in sorted(series.items(), key=lambda kv: str(kv[0])):
         members.sort(key=lambda r: r["n_labelled"])
-        # a small sideways shift per method so error bars at the same count do not hide each other
-        shift = 1.0 + 0.025 * (segmenters.index(method) - 1.5)
+        # a small sideways shift per recipe so error bars at the same count do not hide each other
+        shift = 1.0 + 0.025 * (shown.index(recipe) - 2)
         x = [r["n_labelled"] * shift for r in members]
         y = [r["ap50"][0] for r in members]
         err = [r["ap50"][1] or 0.0 for r in members]
         seeds = "/".join(sorted({str(len(r["seeds"])) for r in members}))
-        shown_fraction = ""
-        if method in MIXED_SAMPLING:
-            shown_fraction = ", uniform sampling" if fraction is None else f", labelled fraction {fraction:g}"
-        label = f"{method} ({budget}, n{noise:g}{shown_fraction}; {seeds} seed(s))"
-        ax.errorbar(x, y, yerr=err, color=_METHOD_COLOURS[method], marker=_NOISE_MARKERS.get(noise, "D"),
-                    linestyle="-" if method == "denoiseg" else "--", capsize=3, label=label)
+        ax.errorbar(x, y, yerr=err, color=_PLOT_COLOURS[recipe], marker=_NOISE_MARKERS.get(noise, "P"),
+                    linestyle="-" if recipe == "default" else "--", capsize=3,
+                    label=f"{recipe} ({budget}, n{noise:g}; {seeds} seed(s))")
     shown_noise = {row["noise"] for row in rows}
     first = True
     for (noise, count), figures in sorted(PAPER_AP50.items()):
         if noise not in shown_noise:
             continue
-        for method, value in figures.items():
-            shift = 1.0 + 0.025 * (segmenters.index(method) - 1.5)
-            ax.plot([count * shift], [value], linestyle="none", marker=_NOISE_MARKERS.get(noise, "D"),
-                    markersize=9, markerfacecolor="none", markeredgecolor=_METHOD_COLOURS[method],
+        for recipe, value in figures.items():
+            ax.plot([count], [value], linestyle="none", marker=_NOISE_MARKERS.get(noise, "P"),
+                    markersize=9, markerfacecolor="none", markeredgecolor=_PLOT_COLOURS[recipe],
                     label="hollow: paper (full schedule, 5 runs)" if first else None)
             first = False
     ax.set_xscale("log")
@@ -673,10 +740,10 @@ def plot_png(results: dict[str, Any]) -> bytes:
     ax.set_xlabel("labelled 128x128 training crops")
     ax.set_ylabel("test AP@0.5")
     ax.set_ylim(0, 1)
-    ax.set_title("DSB2018: DenoiSeg vs segmentation-only baseline and Sequential")
+    ax.set_title("DSB2018: default recipe vs baselines, Sequential and the paper's recipe")
     ax.grid(alpha=0.3)
     if series:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -721,17 +788,6 @@ def write_report(results_dir: Path) -> None:
 # --------------------------------------------------------------------------- command line
 
 
-def _fraction(text: str) -> float | str | None:
-    if text == "budget":
-        return text
-    if text in ("uniform", "none", "None"):
-        return None
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("labelled fraction must be in [0, 1] or 'uniform'")
-    return value
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -745,29 +801,68 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     run.add_argument("--noise", type=float, nargs="+", default=[20.0],
                      help="Gaussian noise sigma(s) on the 0..255 scale")
     run.add_argument("--labelled", type=int, nargs="+", default=[10], help="number(s) of labelled training crops")
-    run.add_argument("--methods", nargs="+", choices=sorted(METHOD_ALPHA), default=["denoiseg", "baseline"])
+    run.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["default", "baseline"],
+                     help="training recipes (see RECIPES in this file)")
     run.add_argument("--seeds", type=int, nargs="+", default=[0],
                      help="training seeds (also choose the labelled crops)")
     run.add_argument("--data-seed", type=int, default=0, help="seed of the noise")
-    run.add_argument("--labelled-fraction", type=_fraction, default="budget",
-                     help="fraction of each DenoiSeg batch from labelled crops, or 'uniform' (default: the budget's)")
-    run.add_argument("--learning-rate", type=float, default=None, help="default: the budget's")
-    run.add_argument("--best-metric", choices=("val_loss", "val_ap50"), default="val_ap50",
-                     help="what picks the evaluated checkpoint (pure N2V always uses val_loss)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="training precision (auto: bf16 where the hardware has it natively)")
     run.add_argument("--limit-images", type=int, default=None,
                      help="use only the first K images of each split part (smoke tests)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--jobs", type=int, default=1,
+                     help="runs at once, each in its own process with one torch thread (e.g. many on one GPU)")
     run.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     run.add_argument("--work-dir", type=Path, default=None, help="where run folders go (default: a temporary folder)")
     report = sub.add_parser("report", help="regenerate the Markdown table and PNG plot from the results JSON")
     report.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    choose = sub.add_parser("choose", help="print the recipe with the best mean validation AP at one setting")
+    choose.add_argument("recipes", nargs="+", choices=list(RECIPES))
+    choose.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    choose.add_argument("--noise", type=float, default=20.0)
+    choose.add_argument("--labelled", type=int, default=10)
+    choose.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return parser.parse_args(argv)
 
 
 def command_line(argv: Sequence[str]) -> str:
     return "python benchmarks/dsb2018.py " + " ".join(shlex.quote(a) for a in argv)
+
+
+def choose_by_validation(results: dict[str, Any], recipes: Sequence[str], budget: str, noise: float,
+                         n_labelled: int) -> tuple[str, dict[str, float]]:
+    """The recipe among ``recipes`` with the highest mean validation AP (tuned) at the setting."""
+    means = {}
+    for recipe in recipes:
+        values = [r["validation_ap50_tuned"] for r in results["runs"]
+                  if (r["budget"], r["noise"], r["n_labelled"], r["recipe"]) == (budget, noise, n_labelled, recipe)
+                  and r.get("validation_ap50_tuned") is not None]
+        if values:
+            means[recipe] = float(np.mean(values))
+    if not means:
+        raise BenchmarkError(f"no runs of {', '.join(recipes)} at {budget}/n{noise:g}/N{n_labelled}")
+    return max(means, key=means.get), means
+
+
+#: data prepared in this process, per (noise, data seed, image limit): workers reuse it between runs
+_PREPARED: dict[tuple, Prepared] = {}
+
+
+def _run_task(spec: RunSpec, data_dir: Path, split: dict[str, list[str]], data_seed: int, limit: int | None,
+              work_dir: Path, threads: int | None) -> dict[str, Any]:
+    """One run, in this process or a worker: prepares (and keeps) the data of its noise level."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    key = (spec.noise, data_seed, limit)
+    if key not in _PREPARED:
+        _PREPARED[key] = prepare(data_dir, split, spec.noise, data_seed, limit)
+    lines: list[str] = []
+    run = run_one(spec, _PREPARED[key], work_dir, log=lines.append)
+    run["log_tail"] = lines[-3:]
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -776,6 +871,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         write_report(args.results_dir)
         print(f"wrote {args.results_dir / RESULTS_TABLE} and {args.results_dir / RESULTS_PLOT}")
+        return 0
+    if args.command == "choose":
+        results = load_results(args.results_dir / RESULTS_JSON)
+        best, means = choose_by_validation(results, args.recipes, args.budget, args.noise, args.labelled)
+        print(json.dumps(means), file=sys.stderr)
+        print(best)
         return 0
 
     import torch
@@ -791,34 +892,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(args.split, json.dumps(make_split(ids), indent=1) + "\n")
         print(f"wrote {args.split}")
     split = load_split(args.split, ids)
-    budget = BUDGETS[args.budget]
-    fraction = budget.labelled_fraction if args.labelled_fraction == "budget" else args.labelled_fraction
-    learning_rate = args.learning_rate or budget.learning_rate
     command, machine = command_line(argv), machine_description()
     results_path = args.results_dir / RESULTS_JSON
+    specs = [RunSpec(args.budget, recipe, sigma, n_labelled, seed, args.precision)
+             for sigma in args.noise for n_labelled in args.labelled for seed in args.seeds for recipe in args.recipes]
+
+    def finished(run: dict[str, Any]) -> None:
+        run.update(command=command, machine=machine,
+                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        shown = ("key", "ap50", "seg", "psnr", "psnr_best_denoising", "validation_ap50_tuned", "threshold",
+                 "best_epoch", "train_seconds", "eval_seconds")
+        print(json.dumps({k: run.get(k) for k in shown}), flush=True)
+        # saved after every run so a long sweep keeps what it finished
+        save_results(results_path, load_results(results_path), [run])
+        write_report(args.results_dir)
 
     with tempfile.TemporaryDirectory(prefix="dsb2018-") as tmp:
         work_dir = args.work_dir or Path(tmp)
-        for sigma in args.noise:
-            data = prepare(args.data, split, sigma, args.data_seed, args.limit_images)
-            print(f"n{sigma:g}: {len(data.train_crops)} training crops, {len(data.val_crops)} validation crops, "
-                  f"{len(data.test_images)} test images", flush=True)
-            for n_labelled in args.labelled:
-                for seed in args.seeds:
-                    for method in args.methods:
-                        spec = RunSpec(args.budget, method, sigma, n_labelled, seed, fraction, learning_rate,
-                                       args.best_metric, args.precision)
-                        print(f"== {spec.key()}", flush=True)
-                        run = run_one(spec, data, work_dir, log=lambda text: print(text, flush=True))
-                        run.update(command=command, machine=machine,
-                                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-                        shown = ("key", "ap50", "map", "seg", "psnr", "psnr_noisy_input", "threshold",
-                                 "train_seconds", "eval_seconds")
-                        print(json.dumps({k: run[k] for k in shown}), flush=True)
-                        # saved after every run so a long sweep keeps what it finished
-                        save_results(results_path, load_results(results_path), [run])
-                        write_report(args.results_dir)
-    return 0
+        task = (args.data, split, args.data_seed, args.limit_images, work_dir)
+        if args.jobs <= 1:
+            for spec in specs:
+                print(f"== {spec.key()}", flush=True)
+                finished(_run_task(spec, *task, threads=args.threads))
+            return 0
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        failures = 0
+        # spawn: CUDA cannot be used in forked children
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_task, spec, *task, threads=args.threads or 1): spec for spec in specs}
+            for future in as_completed(futures):
+                try:
+                    finished(future.result())
+                except Exception as exc:  # noqa: BLE001 (one failed run must not lose the others)
+                    failures += 1
+                    print(f"!! {futures[future].key()} failed: {type(exc).__name__}: {exc}", flush=True)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -125,8 +125,14 @@ def save_checkpoint(
     epoch: int = 0,
     training_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
+    """Write a checkpoint atomically (temporary file, then rename).
+
+    ``model_state``: the weights to store (e.g. a moving average of them); default ``built.net``'s.
+    """
+    if model_state is None:
+        model_state = built.net.state_dict()
     state = {
         "format": CHECKPOINT_FORMAT,
         "config": config.model_dump(mode="json"),
@@ -136,7 +142,7 @@ def save_checkpoint(
         "normalization": normalization.to_dict(),
         "threshold": threshold,
         "epoch": epoch,
-        "model_state": {k: v.detach().cpu().contiguous() for k, v in built.net.state_dict().items()},  # plain layout even after channels_last training
+        "model_state": {k: v.detach().cpu().contiguous() for k, v in model_state.items()},  # plain layout even after channels_last training
         "training_state": training_state,
         "extra": extra or {},
     }

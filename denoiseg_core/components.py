@@ -1,4 +1,5 @@
-"""What a plugin registers: backbones, masking strategies and segmentation heads.
+"""What a plugin registers: backbones, masking strategies, segmentation heads and
+semi-supervised objectives.
 
 Each component is a small frozen record with a unique ``name``, a pydantic model of its
 parameters (``params``, strict: unknown parameters are rejected) and a factory. The
@@ -142,7 +143,40 @@ class HeadSpec:
     description: str = ""
 
 
-ComponentSpec = BackboneSpec | MaskingSpec | HeadSpec
+class SemiSupervisedObjective(Protocol):
+    """An extra training term that also learns segmentation from unlabelled patches.
+
+    Called once per training step after the student's forward pass. ``teacher(x)`` returns
+    the segmentation logits of the moving-average (EMA) network for an input batch ``x``
+    (no gradient); ``progress`` is the fraction of the joint training done, in [0, 1], for
+    ramping the term in. Returns a scalar that is added to the loss (already weighted).
+    """
+
+    def __call__(
+        self,
+        *,
+        student_logits: torch.Tensor,
+        patches: torch.Tensor,
+        labelled: torch.Tensor,
+        teacher: Callable[[torch.Tensor], torch.Tensor],
+        head: SegmentationHead,
+        progress: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SemiSupervisedSpec:
+    """A semi-supervised objective: ``build(params)`` returns a :class:`SemiSupervisedObjective`."""
+
+    kind: ClassVar[str] = "semi_supervised"
+    name: str
+    params: type[ComponentParams]
+    build: Callable[[ComponentParams], SemiSupervisedObjective]
+    description: str = ""
+
+
+ComponentSpec = BackboneSpec | MaskingSpec | HeadSpec | SemiSupervisedSpec
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from denoiseg_core.errors import ConfigError
 
@@ -83,11 +83,45 @@ class TrainingConfig(StrictModel):
     compile: bool = Field(False, description="torch.compile the network (falls back to eager with a warning if unavailable)")
     validation_batches: int | None = Field(None, ge=1, description="limit validation to this many batches")
     threshold_tuning: bool = Field(True, description="tune the foreground threshold on validation data after training")
-    best_metric: Literal["val_loss", "val_ap50"] = Field(
-        "val_ap50",
-        description="what selects best.pt: highest validation AP@0.5 (falls back to the loss without validation labels) "
-        "or lowest validation loss (as the paper)",
+    best_metric: Literal["val_loss", "val_ap50", "val_ap50_tuned"] = Field(
+        "val_ap50_tuned",
+        description="what selects best.pt: highest validation AP@0.5 at the best foreground threshold of that epoch "
+        "(val_ap50_tuned), at the fixed threshold 0.5 (val_ap50), or lowest validation loss (val_loss, as the paper); "
+        "the AP metrics fall back to the loss without validation labels",
     )
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="keep an exponential moving average of the weights (decay per step, e.g. 0.99) and use it for "
+        "validation, checkpoints and export; None: the raw weights",
+    )
+    warm_start_epochs: int = Field(
+        0,
+        ge=0,
+        description="self-supervised warm start: train Noise2Void only (alpha 1) for this many epochs before the joint "
+        "loss; these epochs are not candidates for best.pt",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) when > 0; 0: plain Adam as the paper")
+    intensity_jitter: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="augment patches by a random gain exp(u) and offset u (u uniform in [-j, j], normalised units) per patch",
+    )
+    semi_supervised: ComponentConfig | None = Field(
+        None,
+        description="a semi-supervised objective on all patches (see `denoiseg plugins list`, e.g. mean_teacher); "
+        "its teacher is the EMA of the weights, so it needs ema_decay",
+    )
+
+    @model_validator(mode="after")
+    def _teacher_needs_ema(self) -> TrainingConfig:
+        if self.semi_supervised is not None and self.ema_decay is None:
+            raise ValueError("semi_supervised needs ema_decay (its teacher is the moving average of the weights)")
+        if self.warm_start_epochs >= self.epochs:
+            raise ValueError(f"warm_start_epochs ({self.warm_start_epochs}) must be less than epochs ({self.epochs})")
+        return self
     validation_images: int | None = Field(
         None, ge=1, description="compute validation AP on at most this many validation images per epoch (all by default)"
     )
@@ -205,14 +239,17 @@ def validate_components(config: DenoiSegConfig, registry=None) -> dict[str, Any]
 
     registry = registry or get_registry()
     out = {}
-    for kind in ("backbone", "masking", "head"):
-        chosen: ComponentConfig = getattr(config.model, kind)
+    chosen_components = [(kind, getattr(config.model, kind)) for kind in ("backbone", "masking", "head")]
+    if config.training.semi_supervised is not None:
+        chosen_components.append(("semi_supervised", config.training.semi_supervised))
+    for kind, chosen in chosen_components:
         # config.plugins lets a missing component's error name the distribution to install.
         spec = registry.get(kind, chosen.name, plugins=config.plugins).spec
         try:
             out[kind] = spec.params.model_validate(chosen.params)
         except ValidationError as exc:
-            raise ConfigError(_format_validation_error(exc, f"model.{kind} ({chosen.name}) params")) from None
+            section = "training.semi_supervised" if kind == "semi_supervised" else f"model.{kind}"
+            raise ConfigError(_format_validation_error(exc, f"{section} ({chosen.name}) params")) from None
     return out
 
 

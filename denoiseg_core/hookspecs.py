@@ -25,7 +25,7 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from denoiseg_core.components import BackboneSpec, HeadSpec, MaskingSpec
+    from denoiseg_core.components import BackboneSpec, HeadSpec, MaskingSpec, SemiSupervisedSpec
 
 PROJECT_NAME = "denoiseg"
 ENTRY_POINT_GROUP = "denoiseg.plugins"
@@ -55,6 +55,15 @@ def denoiseg_register_heads() -> list[HeadSpec]:
 
     A head owns its training targets (built from instance labels), its loss term, the
     activation that turns logits into probabilities, and its instance post-processing.
+    """
+
+
+@hookspec
+def denoiseg_register_semi_supervised_objectives() -> list[SemiSupervisedSpec]:
+    """Return semi-supervised objectives (e.g. consistency with a mean teacher) this plugin provides.
+
+    Chosen with ``training.semi_supervised``; the objective adds a term that learns
+    segmentation from unlabelled patches too (see :class:`~denoiseg_core.components.SemiSupervisedObjective`).
     """
 
 

@@ -152,9 +152,11 @@ def evaluate_segmentation(
 ) -> dict:
     """AP@0.5, mAP@[0.5:0.95] and SEG for pairs of label images.
 
-    ``ap50`` and ``map`` are means over images; ``seg`` follows the CTC definition and averages
-    over all GT objects of all images (NaN if there are none). ``per_image`` holds each image's
-    values and object counts.
+    ``ap50`` and ``map`` are means over images. ``seg`` is each image's CTC SEG averaged over the
+    images that have GT objects, as the DenoiSeg paper and its code report it; ``seg_pooled``
+    averages the CTC Jaccards over all GT objects of all images instead (so images with many
+    objects weigh more). Both are NaN without GT objects. ``per_image`` holds each image's values
+    and object counts.
     """
     if len(gts) != len(preds):
         raise ValueError(f"{len(gts)} ground-truth images but {len(preds)} predictions")
@@ -177,10 +179,12 @@ def evaluate_segmentation(
             }
         )
     pooled = np.concatenate(all_jaccards) if all_jaccards else np.zeros(0)
+    per_image_seg = [r["seg"] for r in per_image if r["n_gt"] > 0]
     return {
         "ap50": float(np.mean([r["ap50"] for r in per_image])) if per_image else float("nan"),
         "map": float(np.mean([r["map"] for r in per_image])) if per_image else float("nan"),
-        "seg": float(pooled.mean()) if pooled.size else float("nan"),
+        "seg": float(np.mean(per_image_seg)) if per_image_seg else float("nan"),
+        "seg_pooled": float(pooled.mean()) if pooled.size else float("nan"),
         "n_images": len(per_image),
         "per_image": per_image,
     }
@@ -201,11 +205,13 @@ def format_table(results: dict) -> str:
         "",
         "",
     )
-    widths = [max(len(row[c]) for row in [header, summary, *rows]) for c in range(len(header))]
+    pooled = ("SEG pooled over objects", "", "", f"{results.get('seg_pooled', float('nan')):.3f}", "", "")
+    widths = [max(len(row[c]) for row in [header, summary, pooled, *rows]) for c in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
         cells = [cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))]
         return "  ".join(cells).rstrip()
 
     rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *map(line, rows), rule, line(summary)])
+    note = "SEG: mean over images with objects of each image's CTC SEG (as the DenoiSeg paper); pooled: over all objects"
+    return "\n".join([line(header), rule, *map(line, rows), rule, line(summary), line(pooled), note])

@@ -22,6 +22,7 @@ from denoiseg_core.components import (
     HeadSpec,
     MaskingSpec,
     RegisteredComponent,
+    SemiSupervisedSpec,
 )
 from denoiseg_core.errors import ConfigError, PluginError
 
@@ -30,6 +31,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "backbone": ("denoiseg_register_backbones", BackboneSpec),
     "masking": ("denoiseg_register_masking_strategies", MaskingSpec),
     "head": ("denoiseg_register_heads", HeadSpec),
+    "semi_supervised": ("denoiseg_register_semi_supervised_objectives", SemiSupervisedSpec),
 }
 _HOOK_NAMES = {name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("denoiseg_")}
 

@@ -58,6 +58,7 @@ from denoiseg_core.components import (
     HeadSpec,
     MaskingSpec,
     RegisteredComponent,
+    SemiSupervisedSpec,
 )
 from denoiseg_core.plugin_manager import KINDS, Registry, get_registry
 
@@ -71,6 +72,7 @@ __all__ = [
     "check_head",
     "check_masking",
     "check_params",
+    "check_semi_supervised",
     "parametrize_components",
     "resolve_spec",
 ]
@@ -725,13 +727,68 @@ def _check_instances(
     _require(not np.any(nothing), spec, f"{where}: all-background probabilities gave instances")
 
 
+# --------------------------------------------------------------------------- semi-supervised objectives
+
+
+def check_semi_supervised(
+    component: str | SemiSupervisedSpec | RegisteredComponent,
+    *,
+    params: ComponentParams | dict | None = None,
+    head: str = "three_class",
+    shapes: Sequence[tuple[int, ...]] = ((4, 1, 16, 16), (2, 1, 8, 16, 16)),
+    registry: Registry | None = None,
+) -> None:
+    """Contract of a semi-supervised objective, with the built-in ``head``'s activation.
+
+    For 2D and 3D batches: a finite scalar that is differentiable with respect to the student's
+    logits; (about) zero when the student already agrees with a teacher that maps every pixel on
+    its own (so rotating or flipping a view cannot matter), compared with a student that
+    disagrees, which must cost more than zero and get a gradient; and unchanged input tensors.
+    """
+    spec = resolve_spec("semi_supervised", component, registry)
+    objective = spec.build(check_params(spec, params))
+    seg_head = resolve_spec("head", head, registry)
+    seg_head = seg_head.build(seg_head.params())
+    for shape in shapes:
+        torch.manual_seed(0)
+        patches = torch.randn(shape)
+        before = patches.clone()
+        mixing = 5.0 * torch.randn(seg_head.num_classes, shape[1])  # a confident teacher
+
+        def teacher(x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("kc,nc...->nk...", mixing, x)
+
+        labelled = torch.zeros(shape[0], dtype=torch.bool)
+        labelled[0] = True
+        where = f"batch {tuple(shape)}"
+
+        def call(student: torch.Tensor, progress: float) -> torch.Tensor:
+            return objective(student_logits=student, patches=patches, labelled=labelled, teacher=teacher,
+                             head=seg_head, progress=progress, generator=torch.Generator().manual_seed(1))
+
+        disagree = torch.zeros(shape[0], seg_head.num_classes, *shape[2:], requires_grad=True)
+        value = call(disagree, 1.0)
+        _require(isinstance(value, torch.Tensor) and value.ndim == 0, spec, f"{where}: must return a scalar tensor")
+        _require(bool(torch.isfinite(value.detach())), spec, f"{where}: non-finite value {float(value.detach())}")
+        value.backward()
+        far = float(value.detach())
+        _require(far > 0 and disagree.grad is not None and float(disagree.grad.abs().sum()) > 0,
+                 spec, f"{where}: a disagreeing student must cost > 0 and get a gradient")
+        # agreement may cost a little (e.g. noise the objective adds to the teacher's view), never much
+        near = float(call(teacher(patches).detach(), 1.0))
+        _require(near < 0.1 * far, spec,
+                 f"{where}: a student that agrees with a pixel-wise teacher must cost ~0, got {near:.4g} (disagreeing: {far:.4g})")
+        _require(torch.equal(patches, before), spec, f"{where}: the input patches were modified")
+
+
 # --------------------------------------------------------------------------- helpers
 
 
 def check_component(component: RegisteredComponent | ComponentSpec, **kwargs: Any) -> None:
     """Run the conformance checks matching the component's kind."""
     spec = component.spec if isinstance(component, RegisteredComponent) else component
-    checks = {"backbone": check_backbone, "masking": check_masking, "head": check_head}
+    checks = {"backbone": check_backbone, "masking": check_masking, "head": check_head,
+              "semi_supervised": check_semi_supervised}
     checks[spec.kind](spec, **kwargs)
 
 

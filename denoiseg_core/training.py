@@ -72,10 +72,14 @@ LOG_COLUMNS = (
     "val_denoise",
     "val_seg",
     "val_ap50",
+    "val_ap50_tuned",
+    "val_threshold",
     "learning_rate",
     "seconds",
 )
 VALIDATION_PATCH_BATCHES = 4
+#: the checkpoint with the lowest validation denoising loss (written when denoising is trained)
+BEST_DENOISING = "best_denoising.pt"
 #: torch.compile backend used by ``training.compile`` (tests may pick a cheaper one)
 COMPILE_BACKEND = "inductor"
 #: seconds between live-loss updates of the progress bar (each one waits for the device)
@@ -90,11 +94,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class EpochResult:
-    values: dict[str, float]
 
 
 @dataclass
@@ -176,10 +175,27 @@ class Trainer:
 
         self.memory_format = preferred_memory_format(self.ndim, self.device)
         self.net = self.built.net.to(self.device, memory_format=self.memory_format)
-        # fused Adam: one kernel for all parameters on the GPU
-        self.optimizer = torch.optim.Adam(
-            self.net.parameters(), lr=config.training.learning_rate, fused=self.device.type == "cuda" or None
+        # fused Adam: one kernel for all parameters on the GPU; AdamW decouples weight decay
+        optimizer_class = torch.optim.AdamW if config.training.weight_decay > 0 else torch.optim.Adam
+        self.optimizer = optimizer_class(
+            self.net.parameters(),
+            lr=config.training.learning_rate,
+            weight_decay=config.training.weight_decay,
+            fused=self.device.type == "cuda" or None,
         )
+        # The moving average of the weights is what validation, checkpoints and export use.
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if config.training.ema_decay is not None:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.net,
+                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.training.ema_decay),
+                use_buffers=True,  # batch-norm statistics are averaged too
+            )
+        self.semi_supervised = None
+        if config.training.semi_supervised is not None:
+            chosen = config.training.semi_supervised
+            spec = self.registry.spec("semi_supervised", chosen.name)
+            self.semi_supervised = spec.build(spec.params.model_validate(chosen.params))
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=config.training.lr_factor, patience=config.training.lr_patience
         )
@@ -211,6 +227,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.best_value: float | None = None
+        self.best_denoise_value: float | None = None
         self._fixed_val_batches = self._make_validation_batches()
 
         # creates the folder; a second training into it stops here (held until fit() ends)
@@ -231,6 +248,11 @@ class Trainer:
         self._compile_pending = False
         if config.training.compile:
             self._set_up_compile()
+
+    @property
+    def eval_net(self) -> torch.nn.Module:
+        """The network that is validated, saved and exported: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.net
 
     # ------------------------------------------------------------------ set-up helpers
     def _rank_seed(self, torch_seed: bool = False, epoch: int | None = None):
@@ -291,6 +313,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
             "best_value": self.best_value,
+            "best_denoise_value": self.best_denoise_value,
+            # the trained (student) weights and the average; model_state holds the average
+            "student_state": self.net.state_dict() if self.ema is not None else None,
+            "ema_state": self.ema.state_dict() if self.ema is not None else None,
             "numpy_rng": self.rng.bit_generator.state,
             "mask_generator": self.mask_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -302,13 +328,18 @@ class Trainer:
         saved = DenoiSegConfig.model_validate(state["config"])
         if saved.model != self.config.model:
             raise ConfigError(f"{path}: the model settings differ from the run being resumed; resume with the run's own config")
-        load_weights(self.net, state["model_state"], path)
-        self.normalization = Normalization(**state["normalization"])
         ts = state["training_state"]
+        if self.ema is not None:
+            load_weights(self.net, ts["student_state"], path)
+            self.ema.load_state_dict(ts["ema_state"])
+        else:
+            load_weights(self.net, state["model_state"], path)
+        self.normalization = Normalization(**state["normalization"])
         self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
         self.history = list(ts["history"])
         self.best_value = ts["best_value"]
+        self.best_denoise_value = ts.get("best_denoise_value")
         self.epoch = int(state["epoch"])
         if self.dist.rank == 0:
             self.rng.bit_generator.state = ts["numpy_rng"]
@@ -334,6 +365,7 @@ class Trainer:
             epoch=self.epoch if epoch is None else epoch,  # the epoch of the weights saved
             training_state=self._training_state() if name == "last.pt" else None,
             extra=extra,
+            model_state=self.eval_net.state_dict(),
         )
         return path
 
@@ -350,15 +382,56 @@ class Trainer:
             out.append(tensor.to(self.device, non_blocking=cuda))
         return tuple(out)
 
-    def _losses(self, patches, targets, labelled, generator, forward=None):
+    def _losses(self, patches, targets, labelled, generator, forward=None, alpha=None, semi_supervised=None):
+        """``(total, denoise, seg)`` of a batch; ``semi_supervised``: ``progress`` of the joint
+        training when the semi-supervised term is to be added (training steps only)."""
         masked, loss_mask = self.built.masking(patches, generator)
         masked = masked.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.precision):
-            output = self._forward(forward if forward is not None else self.net, masked)
+            output = self._forward(forward if forward is not None else self.eval_net, masked)
         denoised, logits = self.net.split(output.float())
-        return denoiseg_loss(
-            denoised, patches, loss_mask, logits, targets, labelled, self.built.head, self.config.training.alpha
-        )
+        alpha = self.config.training.alpha if alpha is None else alpha
+        total, denoise, seg = denoiseg_loss(denoised, patches, loss_mask, logits, targets, labelled, self.built.head, alpha)
+        if semi_supervised is not None and self.semi_supervised is not None:
+            total = total + self.semi_supervised(
+                student_logits=logits,
+                patches=patches,
+                labelled=labelled,
+                teacher=self._teacher_logits,
+                head=self.built.head,
+                progress=semi_supervised,
+                generator=generator,
+            )
+        return total, denoise, seg
+
+    def _teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits of the moving-average network (eval mode, no gradient)."""
+        teacher = self.ema.module
+        teacher.eval()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            output = teacher(inputs.contiguous(memory_format=self.memory_format))
+        return self.net.split(output.float())[1]
+
+    def _jitter_intensity(self, patches: torch.Tensor) -> torch.Tensor:
+        """Random gain and offset per patch (``training.intensity_jitter``)."""
+        jitter = self.config.training.intensity_jitter
+        if jitter <= 0:
+            return patches
+        shape = (patches.shape[0], 2) + (1,) * (patches.ndim - 1)
+        draws = torch.rand(shape, generator=self.mask_generator, device=self.mask_generator.device).to(patches.device)
+        draws = (2 * draws - 1) * jitter
+        return patches * torch.exp(draws[:, 0]) + draws[:, 1]
+
+    @property
+    def in_warm_start(self) -> bool:
+        """Noise2Void only, before the joint loss (``training.warm_start_epochs``)."""
+        return self.epoch < self.config.training.warm_start_epochs
+
+    def _joint_progress(self, step: int) -> float:
+        """Fraction of the joint (post-warm-start) training done at ``step`` of the current epoch."""
+        cfg = self.config.training
+        done = (self.epoch - cfg.warm_start_epochs) * cfg.steps_per_epoch + step
+        return min(1.0, max(0.0, done / max(1, (cfg.epochs - cfg.warm_start_epochs) * cfg.steps_per_epoch)))
 
     def _forward(self, forward, inputs: torch.Tensor) -> torch.Tensor:
         if not (self._compile_pending and forward is self._train_forward):
@@ -372,15 +445,27 @@ class Trainer:
         self._compile_pending = False
         return output
 
-    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimisation step; returns the detached loss terms as device tensors
-        (``total, denoise, seg``), so the caller decides when to wait for them."""
+    def train_step(self, batch, step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step (``step`` of the current epoch); returns the detached loss
+        terms as device tensors (``total, denoise, seg``), so the caller decides when to wait."""
         self.net.train()
         patches, targets, labelled = self._to_device(batch)
-        total, denoise, seg = self._losses(patches, targets, labelled, self.mask_generator, self._train_forward)
+        patches = self._jitter_intensity(patches)
+        warm = self.in_warm_start
+        total, denoise, seg = self._losses(
+            patches,
+            targets,
+            labelled,
+            self.mask_generator,
+            self._train_forward,
+            alpha=1.0 if warm else None,
+            semi_supervised=None if warm else self._joint_progress(step),
+        )
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
         return total.detach(), denoise.detach(), seg.detach()
 
     def batches(self) -> Iterator[tuple]:
@@ -409,7 +494,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.net.eval()
+        self.eval_net.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 777)
         sums = torch.zeros(3, device=self.device)
         for batch in self._fixed_val_batches:
@@ -418,19 +503,23 @@ class Trainer:
         sums = (sums / len(self._fixed_val_batches)).tolist()
         result = {"val_loss": sums[0], "val_denoise": sums[1], "val_seg": sums[2]}
         limit = self.config.training.validation_images
-        probabilities = self.predict_probabilities(self.val_records[:limit] if limit else self.val_records)
-        scores = [
-            average_precision(rec.labels, self.built.head.instances(prob, 0.5))
-            for rec, prob in zip(self.val_records, probabilities)
-            if rec.labels is not None
-        ]
-        result["val_ap50"] = float(np.mean(scores)) if scores else math.nan
+        records = scored_validation_records(self.val_records[:limit] if limit else self.val_records)
+        if not records:
+            return {**result, "val_ap50": math.nan, "val_ap50_tuned": math.nan, "val_threshold": math.nan}
+        # one forward pass, scored at the fixed 0.5 and at every candidate threshold
+        probabilities = self.predict_probabilities(records)
+        # every other candidate (0.1 apart for the built-in heads) keeps this cheap; the final tuning uses all
+        candidates = sorted(set(self.built.head.threshold_candidates[::2]) | {0.5})
+        scores = threshold_scores(self.built.head, records, probabilities, candidates)
+        best = int(np.argmax(scores))
+        result["val_ap50"] = scores[candidates.index(0.5)]
+        result["val_ap50_tuned"], result["val_threshold"] = scores[best], float(candidates[best])
         return result
 
     def predict_probabilities(self, records: list[ImageRecord]) -> list[np.ndarray]:
         """Segmentation probabilities of whole validation images (tiled), in eval mode."""
         # folded once here, not once per image inside predict_array (it copies the network)
-        inference = fold_batch_norm(InferenceNet(self.net, self.built.head).eval())
+        inference = fold_batch_norm(InferenceNet(self.eval_net, self.built.head).eval())
         mean = np.asarray(self.normalization.mean, np.float32).reshape((-1,) + (1,) * self.ndim)
         std = np.asarray(self.normalization.std, np.float32).reshape((-1,) + (1,) * self.ndim)
         out = []
@@ -487,7 +576,7 @@ class Trainer:
         started = last_update = time.perf_counter()
         sums = torch.zeros(3, device=self.device)  # summed on the device: no host sync per step
         for step in range(cfg.steps_per_epoch):
-            sums += torch.stack(self.train_step(next(batches))).float()
+            sums += torch.stack(self.train_step(next(batches), step)).float()
             now = time.perf_counter()
             if self.progress and (now - last_update >= PROGRESS_INTERVAL or step == cfg.steps_per_epoch - 1):
                 last_update = now
@@ -501,7 +590,7 @@ class Trainer:
         self.epoch += 1
         validation = self.validate() if self.is_main else {}
         # The LR scheduler must see the same validation loss on every rank.
-        val_keys = ("val_loss", "val_denoise", "val_seg", "val_ap50")
+        val_keys = ("val_loss", "val_denoise", "val_seg", "val_ap50", "val_ap50_tuned", "val_threshold")
         shared = distributed.broadcast_values([validation.get(k, 0.0) for k in val_keys], self.dist, self.device)
         validation = dict(zip(val_keys, shared))
         values = {
@@ -515,19 +604,37 @@ class Trainer:
         }
         check_finite_epoch(values, self.epoch, self.run_dir)  # before any save: checkpoints keep the last good epoch
         self.history.append(values)
-        self.scheduler.step(values["val_loss"])
-        improved = self._is_improvement(values)
+        warm = self.epoch <= cfg.warm_start_epochs  # this epoch trained Noise2Void only
+        if not warm:  # the warm start runs at the full learning rate; the plateau count starts after it
+            self.scheduler.step(values["val_loss"])
+        improved = not warm and self._is_improvement(values)
+        denoise_improved = self._is_denoising_improvement(values)
         if not self.is_main:
             return
-        if improved:  # best.pt first: a kill between the two writes never leaves best.pt behind last.pt
+        # best checkpoints first: a kill between the writes never leaves one behind last.pt
+        if improved:
             self._save("best.pt", extra={"best_value": self.best_value})
+        if denoise_improved:
+            self._save(BEST_DENOISING)
         self._save("last.pt")
         self._write_log()
         progress.console.print(
             f"epoch {self.epoch:>3}: train {values['train_loss']:.4f}  val {values['val_loss']:.4f}"
-            f"  val AP@0.5 {values['val_ap50']:.3f}  lr {values['learning_rate']:.2e}"
+            f"  val AP@0.5 {values['val_ap50']:.3f} (tuned {values['val_ap50_tuned']:.3f} at {values['val_threshold']:.2f})"
+            f"  lr {values['learning_rate']:.2e}"
+            + ("  (warm start: denoising only)" if warm else "")
             + ("  (best)" if improved else "")
         )
+
+    def _is_denoising_improvement(self, values: dict[str, float]) -> bool:
+        """Lowest validation denoising loss so far (``best_denoising.pt``), when denoising is trained."""
+        if self.config.training.alpha == 0 and self.config.training.warm_start_epochs == 0:
+            return False
+        value = values["val_denoise"]
+        if math.isnan(value) or (self.best_denoise_value is not None and value >= self.best_denoise_value):
+            return False
+        self.best_denoise_value = value
+        return True
 
     def _is_improvement(self, values: dict[str, float]) -> bool:
         metric = self.config.training.best_metric
@@ -547,10 +654,10 @@ class Trainer:
             self._save("best.pt")
         best_state = read_checkpoint_state(best_path)
         threshold, validation = None, {}
-        if self.config.training.threshold_tuning and any(r.labels is not None for r in self.val_records):
+        if self.config.training.threshold_tuning and scored_validation_records(self.val_records):
             # Tune with the best weights, then restore the last ones (both checkpoints get the threshold).
-            last_weights = {k: v.clone() for k, v in self.net.state_dict().items()}
-            self.net.load_state_dict(best_state["model_state"])
+            last_weights = {k: v.clone() for k, v in self.eval_net.state_dict().items()}
+            self.eval_net.load_state_dict(best_state["model_state"])
             threshold, validation = self.tune_threshold()
             self.log(f"foreground threshold tuned on {validation['n_images']} validation images: {threshold:.2f} (AP@0.5 {validation['ap50']:.3f})")
             self._save(
@@ -559,18 +666,16 @@ class Trainer:
                 extra={**(best_state.get("extra") or {}), "validation": validation},
                 epoch=int(best_state["epoch"]),  # not the last epoch: these are the best epoch's weights
             )
-            self.net.load_state_dict(last_weights)
+            self.eval_net.load_state_dict(last_weights)
         self._save("last.pt", threshold=threshold, extra={"validation": validation})
         return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, threshold, validation)
 
     def tune_threshold(self) -> tuple[float, dict[str, Any]]:
         """The foreground threshold maximising mean validation AP@0.5 over the head's candidates."""
-        records = [r for r in self.val_records if r.labels is not None]
+        records = scored_validation_records(self.val_records)
         probabilities = self.predict_probabilities(records)
         candidates = tuple(self.built.head.threshold_candidates)
-        scores = []
-        for t in candidates:
-            scores.append(float(np.mean([average_precision(r.labels, self.built.head.instances(p, t)) for r, p in zip(records, probabilities)])))
+        scores = threshold_scores(self.built.head, records, probabilities, candidates)
         best = int(np.argmax(scores))
         return float(candidates[best]), {
             "ap50": scores[best],
@@ -592,6 +697,23 @@ class Trainer:
             self.log(f"warning: could not draw training curves ({exc})")
 
 
+def scored_validation_records(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The validation images that AP is computed on: labelled ones with at least one object.
+
+    An image without objects scores AP 1 or 0 (any false positive), which rewards high
+    thresholds out of all proportion; the test images of a nuclei data set all hold nuclei.
+    """
+    return [r for r in records if r.labels is not None and np.any(r.labels)]
+
+
+def threshold_scores(head, records: list[ImageRecord], probabilities: list[np.ndarray], thresholds) -> list[float]:
+    """Mean AP@0.5 over ``records`` at each foreground threshold."""
+    return [
+        float(np.mean([average_precision(r.labels, head.instances(p, float(t))) for r, p in zip(records, probabilities)]))
+        for t in thresholds
+    ]
+
+
 def plot_history(history: list[dict[str, float]]) -> bytes:
     """PNG bytes of loss curves (train/val, both terms) and validation AP against epoch."""
     import matplotlib
@@ -607,8 +729,10 @@ def plot_history(history: list[dict[str, float]]) -> bytes:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend()
-    axes[2].plot(epochs, [h["val_ap50"] for h in history], color="tab:green")
-    axes[2].set_title("validation AP@0.5 (threshold 0.5)")
+    axes[2].plot(epochs, [h["val_ap50"] for h in history], color="tab:green", label="threshold 0.5")
+    axes[2].plot(epochs, [h.get("val_ap50_tuned", math.nan) for h in history], color="tab:olive", label="best threshold")
+    axes[2].legend()
+    axes[2].set_title("validation AP@0.5")
     axes[2].set_xlabel("epoch")
     axes[2].set_ylim(0, 1)
     fig.tight_layout()

@@ -30,6 +30,7 @@ from denoiseg_core.testing import (
     check_head,
     check_masking,
     check_params,
+    check_semi_supervised,
     parametrize_components,
 )
 from denoiseg_plugins.n2v_masking import N2VMasking
@@ -49,6 +50,29 @@ def test_masking_conformance(component):
 @parametrize_components("head")
 def test_head_conformance(component):
     check_head(component)
+
+
+@parametrize_components("semi_supervised")
+def test_semi_supervised_conformance(component):
+    check_semi_supervised(component)
+
+
+def test_mean_teacher_pseudo_label_mode_conforms():
+    check_semi_supervised("mean_teacher", params={"loss": "cross_entropy", "confidence": 0.9})
+
+
+def test_semi_supervised_check_bites():
+    """An objective that ignores the teacher (pulls towards a constant) is caught."""
+    from denoiseg_core.components import NoParams, SemiSupervisedSpec
+
+    def build(_params):
+        def objective(*, student_logits, **_):
+            return (student_logits.float() - 1.0).pow(2).mean()
+
+        return objective
+
+    with pytest.raises(ConformanceError, match="agrees with a pixel-wise teacher"):
+        check_semi_supervised(SemiSupervisedSpec(name="bad", params=NoParams, build=build))
 
 
 def test_parametrize_covers_every_kind_with_name_ids(registry):

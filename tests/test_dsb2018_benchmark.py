@@ -22,11 +22,11 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dsb2018.py"
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("dsb2018_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    # imported by name from its folder, so the worker processes of `--jobs` can import it too
+    # (spawned children get the parent's sys.path)
+    if str(BENCHMARK.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARK.parent))
+    return importlib.import_module(BENCHMARK.stem)
 
 
 dsb = _load_benchmark()
@@ -49,10 +49,10 @@ def _write_fake_dsb(root: Path, n_images: int = 7, shape=(256, 256)) -> list[str
     return ids
 
 
-def _check_outputs(results_dir: Path, expected_methods: set[str]) -> list[dict]:
+def _check_outputs(results_dir: Path, expected_recipes: set[str]) -> list[dict]:
     results = json.loads((results_dir / dsb.RESULTS_JSON).read_text())
     runs = results["runs"]
-    assert {r["method"] for r in runs} == expected_methods
+    assert {r["recipe"] for r in runs} == expected_recipes
     for run in runs:
         assert run["command"].startswith("python benchmarks/dsb2018.py run")
         assert run["machine"]["torch"]
@@ -60,7 +60,7 @@ def _check_outputs(results_dir: Path, expected_methods: set[str]) -> list[dict]:
         if run["method"] == "n2v":
             assert run["ap50"] is None
         else:
-            for name in ("ap50", "map", "seg"):
+            for name in ("ap50", "map", "seg", "seg_pooled", "validation_ap50_tuned"):
                 assert 0.0 <= run[name] <= 1.0, (name, run[name])
             assert run["threshold"] is not None
     table = (results_dir / dsb.RESULTS_TABLE).read_text()
@@ -79,14 +79,22 @@ def test_end_to_end_on_synthetic_data(tmp_path):
     section.write_text(f"intro\n{dsb.TABLE_START}\nold table\n{dsb.TABLE_END}\noutro\n")
     common = ["--data", str(data), "--split", str(split_file), "--budget", "tiny", "--noise", "20",
               "--labelled", "3", "--results-dir", str(results_dir), "--threads", "1"]
-    assert dsb.main(["run", "--write-split", *common, "--methods", "denoiseg", "baseline", "n2v", "sequential"]) == 0
+    # every recipe of the ablation (so none can rot), two at a time in worker processes
+    assert dsb.main(["run", "--write-split", *common, "--jobs", "2", "--recipes", *dsb.RECIPES]) == 0
     split = json.loads(split_file.read_text())
     assert sorted(split["train"] + split["val"] + split["test"]) == ids
-    runs = _check_outputs(results_dir, {"denoiseg", "baseline", "n2v", "sequential"})
+    runs = _check_outputs(results_dir, set(dsb.RECIPES))
     refreshed = section.read_text()  # the README's table comes from the benchmark's own output
-    assert "old table" not in refreshed and "| tiny | n20 | 3 | denoiseg |" in refreshed
+    assert "old table" not in refreshed and "| tiny | n20 | 3 | default" in refreshed
     assert refreshed.startswith("intro\n") and refreshed.endswith("outro\n")
-    by_method = {r["method"]: r for r in runs}
+    by_method = {r["recipe"]: r for r in runs}
+    by_method["denoiseg"] = by_method["default"]
+    # a recipe's levers reach the trainer
+    assert by_method["mean_teacher"]["training"]["semi_supervised"]["name"] == "mean_teacher"
+    assert by_method["warm_start"]["training"]["warm_start_epochs"] == 1
+    assert by_method["paper"]["training"]["labelled_fraction"] is None
+    # denoising recipes report the PSNR of best_denoising.pt too
+    assert np.isfinite(by_method["default"]["psnr_best_denoising"])
     # the baseline sees only the labelled crops; DenoiSeg all of them, with the same labelled ones
     assert by_method["baseline"]["n_train_crops"] == 3
     assert by_method["denoiseg"]["n_train_crops"] == 4 * len(split["train"])
@@ -96,7 +104,11 @@ def test_end_to_end_on_synthetic_data(tmp_path):
     assert by_method["sequential"]["n_train_crops"] == 3
     assert by_method["sequential"]["labelled_crops"] == by_method["baseline"]["labelled_crops"]
     assert by_method["sequential"]["psnr"] != by_method["sequential"]["psnr_noisy_input"]
-    assert "| tiny | n20 | 3 | sequential | all (labelled only) |" in refreshed
+    assert "| tiny | n20 | 3 | sequential |" in refreshed
+    # choosing by validation AP picks one of the candidates, and the table marks the choice
+    chosen = dsb.main(["choose", "combo_a", "combo_b", "--budget", "tiny", "--labelled", "3",
+                       "--results-dir", str(results_dir)])
+    assert chosen == 0 and "★" in refreshed
 
     # the split never changes silently: refused when the data and the split file disagree
     with pytest.raises(dsb.BenchmarkError, match="split disagrees with the data"):
@@ -124,9 +136,9 @@ def test_noise_and_label_choice_are_reproducible():
 def test_end_to_end_on_real_data_subset(tmp_path):
     results_dir = tmp_path / "results"
     argv = ["run", "--budget", "tiny", "--noise", "20", "--labelled", "5", "--limit-images", "2",
-            "--methods", "denoiseg", "baseline", "--results-dir", str(results_dir), "--threads", "1"]
+            "--recipes", "default", "baseline", "--results-dir", str(results_dir), "--threads", "1"]
     assert dsb.main(argv) == 0  # also checks the committed split against the data on disk
-    _check_outputs(results_dir, {"denoiseg", "baseline"})
+    _check_outputs(results_dir, {"default", "baseline"})
 
 
 def test_readme_table_is_the_benchmarks_own_output():

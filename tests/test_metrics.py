@@ -140,12 +140,18 @@ def test_evaluate_segmentation_and_table():
     results = evaluate_segmentation([gt_a, gt_b], [pred_a, pred_b], names=["a.tif", "b.tif"])
     assert results["n_images"] == 2
     assert results["ap50"] == pytest.approx(0.5)
-    # SEG averages over all 3 GT objects: (1 + 1 + 0) / 3
-    assert results["seg"] == pytest.approx(2 / 3)
+    # SEG as the paper: per-image SEG (1 and 0) averaged over images; pooled over all 3 GT objects
+    # it is (1 + 1 + 0) / 3
+    assert results["seg"] == pytest.approx(0.5)
+    assert results["seg_pooled"] == pytest.approx(2 / 3)
+    # an image without GT objects has no SEG and does not count in the mean
+    with_empty = evaluate_segmentation([gt_a, gt_b, np.zeros_like(gt_a)], [pred_a, pred_b, pred_b])
+    assert with_empty["seg"] == pytest.approx(0.5) and with_empty["seg_pooled"] == pytest.approx(2 / 3)
     assert [r["name"] for r in results["per_image"]] == ["a.tif", "b.tif"]
     assert results["per_image"][1]["n_gt"] == 1 and results["per_image"][1]["n_pred"] == 0
     table = format_table(results)
     assert "a.tif" in table and "AP@0.5" in table and "0.500" in table and "0.667" in table
+    assert "SEG pooled over objects" in table and "as the DenoiSeg paper" in table
     with pytest.raises(ValueError):
         evaluate_segmentation([gt_a], [])
 
