@@ -442,9 +442,9 @@ def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(data, tmp_p
     calls = {"n": 0}
     original = Trainer.train_step
 
-    def diverging(self, batch):  # the optimiser blows up in epoch 2
+    def diverging(self, batch, *args):  # the optimiser blows up in epoch 2
         calls["n"] += 1
-        total, denoise, seg = original(self, batch)
+        total, denoise, seg = original(self, batch, *args)
         if calls["n"] > 2:
             with torch.no_grad():
                 for p in self.net.parameters():
