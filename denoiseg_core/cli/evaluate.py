@@ -100,7 +100,7 @@ def evaluate_command(
         # the report may replace none of the inputs: images, masks, the checkpoint and its run's checkpoints
         check_outputs(
             [json_path],
-            inputs=[*files, *mask_files, *(clean_files or []), model.path, *(model.path.parent / n for n in ("best.pt", "last.pt"))],
+            inputs=[*files, *mask_files, *(clean_files or []), model.path, *model.path.parent.glob("*.pt")],
             overwrite=overwrite,
             what="JSON report",
         )
