@@ -89,7 +89,7 @@ def remove_stale_temporaries(targets: Iterable[Path]) -> list[Path]:
                 try:
                     candidate.unlink()
                 except OSError:
-                    continue  # a file we may not remove is reported by nothing worse than staying
+                    continue  # one we may not remove just stays; it is never read
                 removed.append(candidate)
     return removed
 
