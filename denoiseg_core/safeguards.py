@@ -108,7 +108,7 @@ def check_finite_epoch(values: dict[str, float], epoch: int, run_dir: Path) -> N
         kept = f"the checkpoints keep epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
         raise DenoiSegError(
             f"training diverged: {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite in epoch {epoch}; "
-            f"{kept} (lower training.learning_rate, or check the data)",
+            f"{kept} (lower training.learning_rate, try training.precision: fp32, or check the data)",
             run_dir,
         )
 
