@@ -233,3 +233,22 @@ def test_huge_declared_input_size_is_named(exported, tmp_path, capsys):
     package = rewrite_package(exported["package"], tmp_path / "huge.zip", rdf=rdf)
     code, _, err = run_cli(["zoo", "test", package], capsys)  # was "No functions provided to try"
     one_line_error(code, err, "huge.zip", "1,000,000,000")
+
+
+def test_zoo_writers_fail_in_one_line_before_or_without_leftovers(exported, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    import pathlib
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(["zoo", "export", exported["checkpoint"], "--out", blocker / "m.zip"], capsys)  # before any work
+    one_line_error(code, err, "not a folder")
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    code, _, err = run_cli(["zoo", "import", exported["package"], "--out", tmp_path / "m.pt"], capsys)
+    one_line_error(code, err, "m.pt", "No space left on device")
+    assert tree(tmp_path) == {"file"}
