@@ -1,14 +1,26 @@
 """Checkpoints: weights plus everything needed to use them (config, normalisation, threshold,
-versions), and for ``last.pt`` the optimizer/scheduler/RNG state to resume training."""
+versions), and for ``last.pt`` the optimizer/scheduler/RNG state to resume training.
+
+A checkpoint holds plain data only (dicts, lists, str, int, float, bool, None, tensors), so
+it is read with ``torch.load(weights_only=True)``: a file that needs full unpickling (which
+can run any code the file carries) is refused with one line, unless the user opts in with
+``--trust-checkpoint`` (:func:`trusting_checkpoints`).
+"""
 
 from __future__ import annotations
 
 import io as _io
+import math
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from denoiseg_core import __version__
 from denoiseg_core.config import DenoiSegConfig
@@ -17,6 +29,51 @@ from denoiseg_core.io import atomic_write_bytes
 from denoiseg_core.model import BuiltModel, InferenceNet, build_model
 
 CHECKPOINT_FORMAT = "denoiseg-checkpoint/1"
+
+#: the command-line flag that allows full unpickling (named in the refusal)
+TRUST_FLAG = "--trust-checkpoint"
+
+#: keys every checkpoint has; others (added by newer versions or plugins) load as they are
+REQUIRED_KEYS = ("config", "ndim", "in_channels", "normalization", "model_state")
+
+_full_unpickling_allowed: ContextVar[bool] = ContextVar("denoiseg_full_unpickling_allowed", default=False)
+
+
+@contextmanager
+def trusting_checkpoints(trusted: bool = True) -> Iterator[None]:
+    """Within the block, checkpoints that need full unpickling are loaded (the user vouched for them)."""
+    token = _full_unpickling_allowed.set(trusted)
+    try:
+        yield
+    finally:
+        _full_unpickling_allowed.reset(token)
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` with every container and scalar turned into the plain types
+    ``torch.load(weights_only=True)`` reads (e.g. torch's version string class, numpy scalars
+    and arrays, tuples inside RNG states stay tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        return {plain_data(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain_data(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return plain_data(item())
+    if hasattr(value, "__array__"):
+        return torch.as_tensor(value)
+    raise TypeError(f"checkpoints hold plain data only; got {type(value).__name__}")
 
 
 @dataclass
@@ -79,7 +136,7 @@ def save_checkpoint(
     state = {
         "format": CHECKPOINT_FORMAT,
         "config": config.model_dump(mode="json"),
-        "versions": {"denoiseg": __version__, "torch": torch.__version__, "plugins": dict(config.plugins)},
+        "versions": {"denoiseg": __version__, "torch": str(torch.__version__), "plugins": dict(config.plugins)},
         "ndim": built.ndim,
         "in_channels": built.in_channels,
         "normalization": normalization.to_dict(),
@@ -89,24 +146,82 @@ def save_checkpoint(
         "training_state": training_state,
         "extra": extra or {},
     }
+    write_checkpoint_state(path, state)
+
+
+def write_checkpoint_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint dictionary atomically, as plain data (loadable with ``weights_only=True``)."""
     buffer = _io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(plain_data(state), buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
-    """The raw checkpoint dictionary, or a one-line error if ``path`` is not a denoiseg checkpoint."""
+    """The raw checkpoint dictionary, or a one-line error if ``path`` is not a usable denoiseg checkpoint.
+
+    Read with ``weights_only=True``; a file that needs full unpickling is refused (it could
+    run code) unless :func:`trusting_checkpoints` is active.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError("checkpoint not found", path)
+        raise DataError("checkpoint not found" if not path.exists() else "checkpoint is not a regular file", path)
     try:
-        # weights_only=False: the state holds plain Python containers and numpy RNG state.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # TorchVersion is a str subclass that checkpoints of denoiseg <= 0.1 stored; safe to allow.
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not _full_unpickling_allowed.get():
+            detail = _unsupported_global(exc)
+            raise DataError(
+                f"checkpoint holds Python objects beyond plain data{detail}; loading it could run code from the file, "
+                f"so it is refused (re-run with {TRUST_FLAG} only if you trust where it came from)",
+                path,
+            ) from None
+        state = _load_fully(path)
+    except OSError as exc:
+        raise DataError(f"cannot read checkpoint ({exc.strerror or type(exc).__name__})", path) from None
     except Exception as exc:
         raise DataError(f"not a readable checkpoint ({type(exc).__name__})", path) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"not a denoiseg checkpoint (expected format {CHECKPOINT_FORMAT})", path)
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise DataError(f"checkpoint is incomplete (no {', '.join(missing)})", path)
+    if not isinstance(state["model_state"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model_state"].values()):
+        raise DataError("checkpoint model_state is not a dictionary of tensors", path)
+    check_normalization(state["normalization"], path)
     return state
+
+
+def _unsupported_global(exc: Exception) -> str:
+    """`` (e.g. os.system)`` from torch's weights-only error, when it names the offending global."""
+    import re
+
+    match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
+    return f" (e.g. {match.group(1)})" if match else ""
+
+
+def _load_fully(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise DataError(f"not a readable checkpoint ({type(exc).__name__})", path) from None
+
+
+def check_normalization(normalization: Any, path: Path) -> None:
+    """Finite means and positive finite standard deviations, one per channel; else one line naming ``path``."""
+    try:
+        mean = [float(v) for v in normalization["mean"]]
+        std = [float(v) for v in normalization["std"]]
+    except (KeyError, TypeError, ValueError):
+        raise DataError("checkpoint normalisation is not {mean: [...], std: [...]}", path) from None
+    if len(mean) != len(std) or not mean:
+        raise DataError("checkpoint normalisation has mismatched or empty mean/std", path)
+    if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise DataError(
+            f"checkpoint normalisation is not usable (mean {mean}, std {std}): every value must be finite "
+            "and std positive", path,
+        )
 
 
 def load_checkpoint(path: Path, registry=None) -> LoadedModel:
@@ -118,9 +233,12 @@ def load_checkpoint(path: Path, registry=None) -> LoadedModel:
                 path = path / name
                 break
     state = read_checkpoint_state(path)
-    config = DenoiSegConfig.model_validate(state["config"])
+    try:
+        config = DenoiSegConfig.model_validate(state["config"])
+    except ValidationError as exc:
+        raise DataError(f"checkpoint config is invalid ({str(exc).splitlines()[0]})", path) from None
     built = build_model(config, ndim=state["ndim"], in_channels=state["in_channels"], registry=registry)
-    built.net.load_state_dict(state["model_state"])
+    load_weights(built.net, state["model_state"], path)
     built.net.eval()
     return LoadedModel(
         path=path,
@@ -133,3 +251,12 @@ def load_checkpoint(path: Path, registry=None) -> LoadedModel:
         versions=state.get("versions", {}),
         state=state,
     )
+
+
+def load_weights(net: torch.nn.Module, model_state: dict[str, Any], path: Path) -> None:
+    """``net.load_state_dict(model_state)`` with a one-line error naming ``path`` when they do not fit."""
+    try:
+        net.load_state_dict(model_state)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise DataError(f"the checkpoint's weights do not fit the network its config describes ({reason})", path) from None

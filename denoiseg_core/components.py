@@ -22,7 +22,8 @@ from torch import nn
 class ComponentParams(BaseModel):
     """Base class for component parameter models: unknown keys are an error."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: .inf/.nan in a component parameter is refused like in the config
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class NoParams(ComponentParams):

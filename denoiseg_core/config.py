@@ -17,7 +17,8 @@ from denoiseg_core.errors import ConfigError
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: .inf or .nan in any setting (e.g. learning_rate) is refused up front
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ComponentConfig(StrictModel):
@@ -202,10 +203,15 @@ def load_config(path: Path | None = None, overrides: list[str] = (), base: dict 
         source = str(path)
         if not path.is_file():
             raise ConfigError("config file not found", path)
+        from denoiseg_core.errors import DataError
+        from denoiseg_core.io import load_yaml
+
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            loaded = load_yaml(path.read_text(), path)  # limits: no alias bombs
+        except UnicodeDecodeError as exc:
             raise ConfigError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -93,11 +93,13 @@ def to_channel_first(array: np.ndarray, axes: str, path: Path | str | None) -> n
         raise DataError(f"axes {axes} need a {len(axes)}-D image, got shape {array.shape}", path)
     if array.dtype.kind not in "uifb":
         raise DataError(f"unsupported pixel type {array.dtype}", path)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataError("image contains NaN or infinite values", path)
     image = array.astype(np.float32, copy=False)
     if not axes.startswith("C"):
         image = image[np.newaxis]
-    if not np.isfinite(image).all():
-        raise DataError("image contains NaN or infinite values", path)
+    if not np.isfinite(image).all():  # finite in the file, e.g. 1e300 as float64, but not in float32
+        raise DataError("image has values beyond the float32 range the network computes in", path)
     return np.ascontiguousarray(image)
 
 

@@ -35,6 +35,7 @@ from denoiseg_core import distributed
 from denoiseg_core.checkpoint import (
     Normalization,
     load_checkpoint,
+    load_weights,
     read_checkpoint_state,
     save_checkpoint,
 )
@@ -60,6 +61,7 @@ from denoiseg_core.prediction import (
     resolve_device,
     resolve_precision,
 )
+from denoiseg_core.safeguards import adopt_newer_best, check_finite_epoch, claim_run_folder, warn_about_training_data
 
 LOG_COLUMNS = (
     "epoch",
@@ -215,6 +217,10 @@ class Trainer:
             augment=False,
             seed=config.seed + 1,
         )
+        if self.is_main:
+            warn_about_training_data(
+                self.train_records, self.val_records, self.sampler.labelled_count, config.training.alpha, self.log
+            )
         # Rank 0 draws exactly what a single process would; other ranks get their own streams.
         self.rng = np.random.default_rng(self._rank_seed())
         self.mask_generator = torch.Generator(device=self.device).manual_seed(self._rank_seed(torch_seed=True))
@@ -224,10 +230,10 @@ class Trainer:
         self.best_denoise_value: float | None = None
         self._fixed_val_batches = self._make_validation_batches()
 
+        # creates the folder; a second training into it stops here (held until fit() ends)
+        self._run_lock = claim_run_folder(self.run_dir, self.log) if self.is_main else None
         if resume:
             self._load_training_state(last)
-        elif self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             save_config(self.config, self.run_dir / "config.yaml")
         self.train_net: torch.nn.Module = self.net
@@ -324,10 +330,10 @@ class Trainer:
             raise ConfigError(f"{path}: the model settings differ from the run being resumed; resume with the run's own config")
         ts = state["training_state"]
         if self.ema is not None and ts.get("ema_state") is not None:
-            self.net.load_state_dict(ts["student_state"])
+            load_weights(self.net, ts["student_state"], path)
             self.ema.load_state_dict(ts["ema_state"])
         else:  # also a run saved before it kept a moving average: the average starts from these weights
-            self.net.load_state_dict(state["model_state"])
+            load_weights(self.net, state["model_state"], path)
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.net.state_dict())
         self.normalization = Normalization(**state["normalization"])
@@ -346,8 +352,11 @@ class Trainer:
         torch.set_rng_state(ts["torch_rng"])
         random.setstate(ts["python_rng"])
         self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
+        if self.is_main:
+            self.best_value = adopt_newer_best(self.run_dir, self.epoch, self.best_value, self.log)
+            self._write_log()  # a kill after last.pt but before log.csv lost the last row
 
-    def _save(self, name: str, threshold: float | None = None, extra: dict | None = None) -> Path:
+    def _save(self, name: str, threshold: float | None = None, extra: dict | None = None, epoch: int | None = None) -> Path:
         path = self.run_dir / name
         save_checkpoint(
             path,
@@ -355,7 +364,7 @@ class Trainer:
             built=self.built,
             normalization=self.normalization,
             threshold=threshold,
-            epoch=self.epoch,
+            epoch=self.epoch if epoch is None else epoch,  # the epoch of the weights saved
             training_state=self._training_state() if name == "last.pt" else None,
             extra=extra,
             model_state=self.eval_net.state_dict(),
@@ -532,6 +541,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ epochs
     def fit(self) -> TrainingRun:
+        try:
+            return self._fit()
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
+
+    def _fit(self) -> TrainingRun:
         cfg = self.config.training
         self.log(
             f"training on {self.device} ({self.precision}"
@@ -588,6 +604,7 @@ class Trainer:
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
         }
+        check_finite_epoch(values, self.epoch, self.run_dir)  # before any save: checkpoints keep the last good epoch
         self.history.append(values)
         warm = self.epoch <= cfg.warm_start_epochs  # this epoch trained Noise2Void only
         if not warm:  # the warm start runs at the full learning rate; the plateau count starts after it
@@ -596,11 +613,12 @@ class Trainer:
         denoise_improved = self._is_denoising_improvement(values)
         if not self.is_main:
             return
-        self._save("last.pt")
+        # best checkpoints first: a kill between the writes never leaves one behind last.pt
         if improved:
-            self._save("best.pt")
+            self._save("best.pt", extra={"best_value": self.best_value})
         if denoise_improved:
             self._save(BEST_DENOISING)
+        self._save("last.pt")
         self._write_log()
         progress.console.print(
             f"epoch {self.epoch:>3}: train {values['train_loss']:.4f}  val {values['val_loss']:.4f}"
@@ -644,7 +662,12 @@ class Trainer:
             self.eval_net.load_state_dict(best_state["model_state"])
             threshold, validation = self.tune_threshold()
             self.log(f"foreground threshold tuned on {validation['n_images']} validation images: {threshold:.2f} (AP@0.5 {validation['ap50']:.3f})")
-            self._save("best.pt", threshold=threshold, extra={"validation": validation})
+            self._save(
+                "best.pt",
+                threshold=threshold,
+                extra={**(best_state.get("extra") or {}), "validation": validation},
+                epoch=int(best_state["epoch"]),  # not the last epoch: these are the best epoch's weights
+            )
             self.eval_net.load_state_dict(last_weights)
         self._save("last.pt", threshold=threshold, extra={"validation": validation})
         return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, threshold, validation)

@@ -62,7 +62,9 @@ def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, 
 
 
 def test_3d_training_smoke(tiny_config, dataset_3d, tmp_path):
-    config = _config(tiny_config, dataset_3d, tmp_path / "run3d", epochs=1, batch_size=2)
+    # fp32: 3-D bf16 convolutions on this CPU are not repeatable and now and then give NaN
+    # (about 1 run in 8 here), which the non-finite-loss guard turns into an error
+    config = _config(tiny_config, dataset_3d, tmp_path / "run3d", epochs=1, batch_size=2, precision="fp32")
     config.data.patch_size = [8, 16, 16]
     run = train(config, progress=False, log=lambda _: None)
     model = load_checkpoint(run.best_checkpoint)

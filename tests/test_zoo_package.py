@@ -293,7 +293,7 @@ def _rewrite(package: Path, target: Path, *, drop: str | None = None, change: st
 @pytest.mark.parametrize(
     "corruption, message",
     [
-        ({"drop": "weights.onnx"}, "invalid bioimage.io package"),
+        ({"drop": "weights.onnx"}, "'weights.onnx' named in rdf.yaml is missing"),
         ({"change": "weights.pt"}, "sha256"),
         ({"change": "test_output.npy"}, "sha256"),
         ({"add": "../escaped.txt"}, "escape the target folder"),

@@ -2,8 +2,8 @@
 
 Every package is checked here before bioimageio.spec or bioimageio.core see it: it must
 be a zip file, every member path must stay inside the folder it would be extracted to
-(no absolute paths, drive letters or ``..``), and it must carry a model description. The
-description is then validated with file checks (every referenced file present, every
+(no absolute paths, drive letters or ``..``), and it must carry a model description, which
+must parse as YAML within limits (no alias bombs). The description is then validated with file checks (every referenced file present, every
 sha256 right); any problem is one line of :class:`~denoiseg_core.errors.DenoiSegError`.
 """
 
@@ -52,16 +52,76 @@ def check_package_zip(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            for name in names:
+                if unsafe_member(name):
+                    raise PackageError(f"unsafe member path {name!r} would escape the target folder; refusing the package", path)
+            descriptions = [name for name in names if _is_description_name(name)]
+            if not descriptions:
+                raise PackageError(
+                    "not a bioimage.io model package (no rdf.yaml or *.bioimageio.yaml at the top of the zip)", path
+                )
+            for name in descriptions:
+                description = check_description_yaml(archive, name, path)
+                missing = sorted(set(referenced_files(description)) - set(names))
+                if missing:  # bioimageio.spec's own message for this is about a NoneType
+                    raise PackageError(f"file {missing[0]!r} named in {name} is missing from the package", path)
+                check_declared_sizes(description, name, path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise PackageError(f"cannot read zip ({exc})", path) from None
-    for name in names:
-        if unsafe_member(name):
-            raise PackageError(f"unsafe member path {name!r} would escape the target folder; refusing the package", path)
-    if not any(_is_description_name(name) for name in names):
-        raise PackageError(
-            "not a bioimage.io model package (no rdf.yaml or *.bioimageio.yaml at the top of the zip)", path
-        )
     return names
+
+
+def referenced_files(node: Any) -> list[str]:
+    """Package-relative file names a description points to (``source:`` entries that are not URLs)."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        source = node.get("source")
+        if isinstance(source, str) and "://" not in source and not source.startswith(("/", "doi:")):
+            found.append(str(PurePosixPath(source)).removeprefix("./"))
+        for value in node.values():
+            found.extend(referenced_files(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(referenced_files(value))
+    return found
+
+
+#: the largest input size along one axis a package may declare (larger ones are a broken or
+#: hostile description; bioimageio.spec's message for them is "No functions provided to try")
+MAX_DECLARED_AXIS_SIZE = 65536
+
+
+def check_declared_sizes(description: Any, name: str, path: Path) -> None:
+    """One line for an input axis whose declared (minimum) size is absurdly large."""
+    inputs = description.get("inputs") if isinstance(description, dict) else None
+    for tensor in inputs if isinstance(inputs, list) else []:
+        axes = tensor.get("axes") if isinstance(tensor, dict) else None
+        for axis in axes if isinstance(axes, list) else []:
+            size = axis.get("size") if isinstance(axis, dict) else None
+            smallest = size.get("min") if isinstance(size, dict) else size
+            if isinstance(smallest, int) and smallest > MAX_DECLARED_AXIS_SIZE:
+                raise PackageError(
+                    f"{name}: input {tensor.get('id', '?')!r} declares size {smallest:,} on axis {axis.get('id', '?')!r} "
+                    f"(more than {MAX_DECLARED_AXIS_SIZE:,}); refusing the package",
+                    path,
+                )
+
+
+def check_description_yaml(archive: zipfile.ZipFile, name: str, path: Path) -> Any:
+    """Parse a package's description with limits before bioimageio.spec sees it: a syntax
+    error, an oversized file or an alias bomb is one line, not a traceback or a hang."""
+    from denoiseg_core.errors import DataError
+    from denoiseg_core.io import MAX_YAML_BYTES, load_yaml
+
+    if archive.getinfo(name).file_size > MAX_YAML_BYTES:
+        raise PackageError(f"{name} is larger than {MAX_YAML_BYTES // 2**20} MiB; refusing the package", path)
+    try:
+        text = archive.read(name).decode("utf-8")
+        return load_yaml(text, name)
+    except UnicodeDecodeError:
+        raise PackageError(f"{name} is not UTF-8 text", path) from None
+    except DataError as exc:
+        raise PackageError(f"{exc}", path) from None
 
 
 def summary_reason(summary: Any, limit: int = 3) -> str:
@@ -104,11 +164,13 @@ def read_member(path: Path, name: str) -> bytes:
     """The bytes of one member of a (checked) package."""
     if unsafe_member(name):
         raise PackageError(f"unsafe file name {name!r} in the package description", path)
-    with zipfile.ZipFile(path) as archive:
-        try:
+    try:
+        with zipfile.ZipFile(path) as archive:
             return archive.read(name)
-        except KeyError:
-            raise PackageError(f"file {name!r} named in the description is missing from the package", path) from None
+    except KeyError:
+        raise PackageError(f"file {name!r} named in the description is missing from the package", path) from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PackageError(f"cannot read {name!r} from the package ({type(exc).__name__})", path) from None
 
 
 def source_name(file_descr: Any) -> str:

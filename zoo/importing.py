@@ -17,10 +17,10 @@ import torch
 from pydantic import ValidationError
 
 from denoiseg_core import __version__
-from denoiseg_core.checkpoint import CHECKPOINT_FORMAT
+from denoiseg_core.checkpoint import CHECKPOINT_FORMAT, check_normalization, write_checkpoint_state
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.errors import DenoiSegError
-from denoiseg_core.io import atomic_write_bytes
+from denoiseg_core.io import check_outputs
 from denoiseg_core.model import build_model
 
 from denoiseg_zoo.archive import PackageError, load_package, read_member, source_name
@@ -54,6 +54,8 @@ def checkpoint_state_from_package(path: Path) -> dict[str, Any]:
                          "std": [float(v) for v in section["normalization"]["std"]]}
     except (KeyError, TypeError, ValueError, ValidationError) as exc:
         raise PackageError(f"config.denoiseg is incomplete or invalid ({type(exc).__name__}: {str(exc).splitlines()[0]})", path) from None
+    check_normalization(normalization, path)
+    # the network is rebuilt from the installed plugin the package names, never from its Python files
     built = build_model(config, ndim=ndim, in_channels=in_channels)
     try:
         built.net.load_state_dict(state_dict, strict=True)
@@ -65,7 +67,7 @@ def checkpoint_state_from_package(path: Path) -> dict[str, Any]:
         "config": config.model_dump(mode="json"),
         "versions": {
             "denoiseg": __version__,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "plugins": dict(config.plugins),
             "package_denoiseg": section.get("denoiseg_version"),
         },
@@ -83,12 +85,7 @@ def checkpoint_state_from_package(path: Path) -> dict[str, Any]:
 def import_package(path: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the checkpoint of a denoiseg package to ``out`` (atomically; never over an existing file unless asked)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DenoiSegError("output exists (use --overwrite to replace it)", out)
-    if out.resolve() == Path(path).resolve():
-        raise DenoiSegError("refusing to overwrite the package", out)
+    check_outputs([out], inputs=[path], overwrite=overwrite)
     state = checkpoint_state_from_package(path)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(out, buffer.getvalue())
+    write_checkpoint_state(out, state)  # plain data: loads with weights_only=True
     return out

@@ -36,16 +36,59 @@ def denoiseg_section(descr: Any) -> dict | None:
     return None
 
 
-def test_package(path: Path):
-    """``bioimageio.core.test_model`` on a package (every weight format), after the safety checks."""
+#: weight formats that run without executing Python code shipped in (or chosen by) the package;
+#: the others (a state dict's architecture file or library callable, Keras, TensorFlow) need
+#: ``--trust-package-code``
+CODE_FREE_WEIGHT_FORMATS = ("torchscript", "onnx")
+TRUST_CODE_FLAG = "--trust-package-code"
+
+
+@dataclass
+class PackageTest:
+    """What ``zoo test`` ran: one bioimageio.core summary per tested weight format, and the
+    formats left out because they would run the package's code."""
+
+    summaries: list[Any]
+    skipped: list[str]
+
+    @property
+    def status(self) -> str:
+        return "passed" if all(s.status == "passed" for s in self.summaries) else "failed"
+
+
+def test_package(path: Path, trust_code: bool = False) -> PackageTest:
+    """``bioimageio.core.test_model`` on a package, after the safety checks, for each weight
+    format that runs without the package's Python code (all formats with ``trust_code``)."""
     from bioimageio.core import test_model
 
-    check_package_zip(Path(path))
-    return test_model(Path(path), devices=["cpu"])
+    descr = load_package(Path(path))
+    available = list(descr.weights.available_formats)
+    formats = [fmt for fmt in available if trust_code or fmt in CODE_FREE_WEIGHT_FORMATS]
+    skipped = [fmt for fmt in available if fmt not in formats]
+    if not formats:
+        raise PackageError(
+            f"every weight format of the package ({', '.join(available)}) runs Python code from it; "
+            f"re-run with {TRUST_CODE_FLAG} only if you trust where it came from",
+            path,
+        )
+    try:
+        summaries = [test_model(Path(path), weight_format=fmt, devices=["cpu"]) for fmt in formats]
+    except Exception as exc:  # noqa: BLE001 (bioimageio raises many types for broken packages)
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise PackageError(f"the package cannot be tested ({reason})", path) from None
+    return PackageTest(summaries, skipped)
 
 
 def format_summary(summary: Any) -> str:
-    """A compact, readable version of a test summary (one line per check)."""
+    """A compact, readable version of a test summary (one line per check); a
+    :class:`PackageTest` lists every tested format and what was skipped."""
+    if isinstance(summary, PackageTest):
+        lines = [f"status: {summary.status}"]
+        for part in summary.summaries:
+            lines.extend(format_summary(part).splitlines()[1:])
+        for fmt in summary.skipped:
+            lines.append(f"  [skipped] {fmt}: would run Python code from the package ({TRUST_CODE_FLAG} to test it)")
+        return "\n".join(lines)
     lines = [f"status: {summary.status}"]
     for detail in summary.details:
         mark = {"passed": "ok", "failed": "FAILED", "valid-format": "ok"}.get(detail.status, detail.status)
@@ -191,18 +234,30 @@ def predict_package(descr: Any, image: np.ndarray, path: Path, *, tile: int = DE
 WEIGHT_FORMAT_PREFERENCE = ("torchscript", "onnx", "pytorch_state_dict")
 
 
-def preferred_weight_format(descr: Any) -> str | None:
-    """TorchScript, else ONNX, else the state dict (whose architecture source is Python code
-    from the package); None lets bioimageio.core choose among other formats."""
-    available = set(descr.weights.available_formats)
-    return next((fmt for fmt in WEIGHT_FORMAT_PREFERENCE if fmt in available), None)
+def preferred_weight_format(descr: Any, trust_code: bool = False, path: Path | None = None) -> str:
+    """TorchScript, else ONNX; other formats (whose architecture is Python code named by the
+    package) only with ``trust_code``, else a one-line refusal."""
+    available = list(descr.weights.available_formats)
+    for fmt in (*WEIGHT_FORMAT_PREFERENCE, *available):
+        if fmt in available and (trust_code or fmt in CODE_FREE_WEIGHT_FORMATS):
+            return fmt
+    raise PackageError(
+        f"the package's weights ({', '.join(available)}) need Python code from the package to run; "
+        f"re-run with {TRUST_CODE_FLAG} only if you trust where it came from",
+        path,
+    )
 
 
-def create_pipeline(descr: Any):
+def create_pipeline(descr: Any, trust_code: bool = False, path: Path | None = None):
     """bioimageio.core's prediction pipeline for a package, with the preferred weights."""
     from bioimageio.core import create_prediction_pipeline
 
-    return create_prediction_pipeline(descr, weight_format=preferred_weight_format(descr))
+    weight_format = preferred_weight_format(descr, trust_code, path)
+    try:
+        return create_prediction_pipeline(descr, weight_format=weight_format)
+    except Exception as exc:  # noqa: BLE001 (a weights file the runtime cannot load, in many forms)
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise PackageError(f"cannot load the package's {weight_format} weights ({reason})", path) from None
 
 
 def denoiseg_instances(section: dict, output: np.ndarray) -> np.ndarray:
@@ -216,22 +271,47 @@ def denoiseg_instances(section: dict, output: np.ndarray) -> np.ndarray:
     return head.instances(probabilities, float(section["threshold"]))
 
 
-def output_paths(descr: Any, inputs: Sequence[Path], out_dir: Path) -> dict[Path, list[tuple[str, Path]]]:
-    """Where each input's results go: ``{input: [(kind, path), ...]}``."""
+def output_paths(descr: Any, inputs: Sequence[Path], out_dir: Path) -> list[tuple[Path, list[tuple[str, Path]]]]:
+    """Where each input's results go, in input order: ``[(input, [(kind, path), ...]), ...]``
+    (a list: two inputs with the same name must be seen as colliding, not merged)."""
     section = denoiseg_section(descr)
     kinds = ["denoised", "probabilities", "labels"] if section else [str(o.id) for o in descr.outputs]
-    return {Path(p): [(kind, out_dir / f"{Path(p).stem}_{kind}.tif") for kind in kinds] for p in inputs}
+    return [(Path(p), [(kind, out_dir / f"{Path(p).stem}_{kind}.tif") for kind in kinds]) for p in inputs]
 
 
 def load_runnable(path: Path):
     """The validated description of a package that ``zoo predict`` can run."""
     descr = load_package(Path(path))
     input_layout(descr)  # one input with supported axes
+    section = denoiseg_section(descr)
+    if section is not None:
+        check_output_channels(descr, section, Path(path))
     return descr
 
 
+def check_output_channels(descr: Any, section: dict, path: Path) -> None:
+    """``config.denoiseg.output_channels`` must index channels the output has (checked before any work)."""
+    from bioimageio.spec.model.v0_5 import ChannelAxis
+
+    channels = next((len(a.channel_names) for a in descr.outputs[0].axes if isinstance(a, ChannelAxis)), None)
+    try:
+        wanted = {kind: [int(i) for i in section["output_channels"][kind]] for kind in ("denoised", "probabilities")}
+    except (KeyError, TypeError, ValueError):
+        raise PackageError("config.denoiseg.output_channels must list the denoised and probabilities channels", path) from None
+    bad = [i for indices in wanted.values() for i in indices if channels is None or not 0 <= i < channels]
+    if bad or not all(wanted.values()):
+        raise PackageError(
+            f"config.denoiseg.output_channels {wanted} do not fit the output's {channels or 0} channels", path
+        )
+
+
 def write_prediction(
-    descr: Any, outputs: dict[str, np.ndarray], targets: list[tuple[str, Path]], inputs: Sequence[Path], overwrite: bool
+    descr: Any,
+    outputs: dict[str, np.ndarray],
+    targets: list[tuple[str, Path]],
+    inputs: Sequence[Path],
+    overwrite: bool,
+    package: Path | None = None,
 ) -> None:
     """Write one image's results (denoised/probabilities/labels for denoiseg packages)."""
     from denoiseg_core.io import write_tiff
@@ -239,12 +319,18 @@ def write_prediction(
     section = denoiseg_section(descr)
     if section:
         output = next(iter(outputs.values()))
-        denoised = output[section["output_channels"]["denoised"]]
-        data = {
-            "denoised": denoised[0] if denoised.shape[0] == 1 else denoised,
-            "probabilities": output[section["output_channels"]["probabilities"]],
-        }
-        labels = denoiseg_instances(section, output)
+        try:
+            denoised = output[section["output_channels"]["denoised"]]
+            data = {
+                "denoised": denoised[0] if denoised.shape[0] == 1 else denoised,
+                "probabilities": output[section["output_channels"]["probabilities"]],
+            }
+            labels = denoiseg_instances(section, output)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise PackageError(
+                f"config.denoiseg does not fit the model output of shape {output.shape} ({type(exc).__name__}: {exc})",
+                package,
+            ) from None
         data["labels"] = labels.astype(np.uint16 if labels.max() < 2**16 else np.int32)
     else:
         data = outputs
@@ -255,15 +341,34 @@ def write_prediction(
         write_tiff(target, array, overwrite=overwrite, inputs=tuple(inputs))
 
 
-def check_targets(targets: dict[Path, list[tuple[str, Path]]], overwrite: bool) -> None:
-    """Refuse before any work if an output exists (without --overwrite) or is an input."""
-    inputs = {p.resolve() for p in targets}
-    for entries in targets.values():
-        for _, target in entries:
-            if target.resolve() in inputs:
-                raise DataError("refusing to overwrite an input file", target)
-            if target.exists() and not overwrite:
-                raise DataError("output exists (use --overwrite to replace it)", target)
+def check_targets(
+    targets: list[tuple[Path, list[tuple[str, Path]]]], overwrite: bool, skip_existing: bool = False, package: Path | None = None
+) -> list[bool]:
+    """Before any work: refuse outputs that exist (without --overwrite), are an input or the
+    package, or collide; returns for each input whether it still needs predicting."""
+    from denoiseg_core.io import plan_batch_outputs
+
+    inputs = [path for path, _ in targets]
+    return plan_batch_outputs(
+        [[target for _, target in entries] for _, entries in targets],
+        inputs=[*inputs, *([package] if package is not None else [])],
+        overwrite=overwrite,
+        skip_existing=skip_existing,
+    )
+
+
+def read_finite_image(path: Path) -> np.ndarray:
+    """An input image; NaN or infinite pixels are refused (the network would spread them over
+    a whole receptive field), as ``denoiseg predict`` does."""
+    from denoiseg_core.io import read_image
+
+    image = read_image(path)
+    if image.dtype.kind == "f":
+        if not np.isfinite(image).all():
+            raise DataError("image contains NaN or infinite values", path)
+        if image.size and float(np.abs(image).max()) > np.finfo(np.float32).max:
+            raise DataError("image has values beyond the float32 range the model computes in", path)
+    return image
 
 
 __all__ = [

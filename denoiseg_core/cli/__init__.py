@@ -2,7 +2,9 @@
 
 Plugins add commands through the ``denoiseg_register_commands`` hook (the ``zoo`` group
 is added that way). A :class:`~denoiseg_core.errors.DenoiSegError` is printed as one
-line on stderr with exit code 2; anything else is a bug and keeps its traceback.
+line on stderr with exit code 2, and so are OSErrors no command turned into one (a file
+problem) and MemoryError (a setting too large for the machine); anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ def main(argv: list[str] | None = None) -> None:
     except DenoiSegError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except OSError as exc:  # a file problem that no command anticipated: still one line naming the file
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.secho(f"error: {where}{exc.strerror or exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except MemoryError:
+        _out_of_memory()
+    except RuntimeError as exc:  # torch's allocators report exhaustion as RuntimeError (OutOfMemoryError on CUDA)
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+            raise
+        _out_of_memory()
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
+
+
+def _out_of_memory() -> None:
+    typer.secho(
+        "error: out of memory: a setting asks for more memory than this machine has "
+        "(e.g. training.batch_size, data.patch_size, --tile, --batch-size)",
+        fg=typer.colors.RED,
+        err=True,
+    )
+    sys.exit(2)

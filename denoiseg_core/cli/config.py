@@ -7,8 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from denoiseg_core.errors import DenoiSegError
-
 app = typer.Typer(no_args_is_help=True)
 
 
@@ -40,10 +38,9 @@ def init_command(
 ) -> None:
     """Write a config with every setting at its default, each explained by a comment."""
     from denoiseg_core.config import DenoiSegConfig
-    from denoiseg_core.io import atomic_write_text
+    from denoiseg_core.io import atomic_write_text, check_outputs
 
-    if path.exists() and not overwrite:
-        raise DenoiSegError("file exists (use --overwrite to replace it)", path)
+    check_outputs([path], inputs=[train] if train is not None else [], overwrite=overwrite, what="config")
     config = DenoiSegConfig()
     if train is not None:
         config.data.train = train

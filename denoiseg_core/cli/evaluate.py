@@ -12,6 +12,7 @@ import numpy as np
 import typer
 
 from denoiseg_core.cli.predict import (
+    TrustCheckpointOption,
     collect_inputs,
     load_model,
     model_axes,
@@ -73,16 +74,18 @@ def evaluate_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="tiles per forward pass")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --json file")] = False,
+    trust_checkpoint: TrustCheckpointOption = False,
 ) -> None:
     """Predict every image in --images and score it against the mask of the same name."""
     from denoiseg_core.data import to_channel_first, validate_mask
-    from denoiseg_core.io import atomic_write_text, read_image
+    from denoiseg_core.io import atomic_write_text, check_outputs, read_image
     from denoiseg_core.metrics import evaluate_segmentation, format_table, psnr
     from denoiseg_core.prediction import predict_image, resolve_device, segment
 
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, trust_checkpoint)
     tile_size = parse_tile(tile, model.ndim)
     target = resolve_device(device)
     _check_folder(images, "--images")
@@ -94,9 +97,13 @@ def evaluate_command(
     mask_files = [find_partner(f, masks, "mask") for f in files]
     clean_files = [find_partner(f, clean, "clean image") for f in files] if clean is not None else None
     if json_path is not None:
-        protected = {p.resolve() for p in [*files, *mask_files, *(clean_files or [])]}
-        if json_path.resolve() in protected:
-            raise DataError("refusing to overwrite an input file with the JSON report", json_path)
+        # the report may replace none of the inputs: images, masks, the checkpoint and its run's checkpoints
+        check_outputs(
+            [json_path],
+            inputs=[*files, *mask_files, *(clean_files or []), model.path, *model.path.parent.glob("*.pt")],
+            overwrite=overwrite,
+            what="JSON report",
+        )
     for file in files:
         precheck_input(file, model)
     used_threshold = threshold if threshold is not None else (model.threshold if model.threshold is not None else 0.5)

@@ -2,7 +2,7 @@
 
 Every output path is checked before any image is read or predicted, so a refused run
 writes nothing; each file is written atomically, so an interrupted run never leaves a
-half-written TIFF.
+half-written TIFF, and ``--skip-existing`` continues an interrupted run.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def precheck_input(path: Path, model: LoadedModel) -> None:
         return
     axes = model_axes(model)
     if axes == "auto":
+        if len(shape) == 3 and shape[-1] in (3, 4) and model.ndim == 2:
+            raise DataError(f"shape {shape} looks like an RGB(A) image; convert it to a single-channel (grayscale) image", path)
         if len(shape) in (2, 3):
             check_image_matches_model(path, len(shape), 1, model)
     elif len(shape) == len(axes):
@@ -107,6 +109,8 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
             files.extend(list_images(item))
         elif not item.exists():
             raise DataError("input not found", item)
+        elif not item.is_file():  # a FIFO or device would block or stream forever
+            raise DataError("not a regular file", item)
         elif item.suffix.lower() not in TIFF_SUFFIXES:
             raise DataError(f"not a TIFF file (expected {' or '.join(TIFF_SUFFIXES)})", item)
         else:
@@ -117,10 +121,28 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
     return list(unique.values())
 
 
-def load_model(checkpoint: Path) -> LoadedModel:
-    from denoiseg_core.checkpoint import load_checkpoint
+def load_model(checkpoint: Path, trust_checkpoint: bool = False) -> LoadedModel:
+    from denoiseg_core.checkpoint import load_checkpoint, trusting_checkpoints
 
-    return load_checkpoint(checkpoint)
+    with trusting_checkpoints(trust_checkpoint):
+        return load_checkpoint(checkpoint)
+
+
+#: the ``--trust-checkpoint`` option of every command that reads a checkpoint
+TrustCheckpointOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="load a checkpoint that needs full unpickling (it can run code from the file: only for files you trust)",
+    ),
+]
+SkipExistingOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-existing",
+        help="skip inputs whose outputs all exist (continue an interrupted run); redo any that were cut off",
+    ),
+]
 
 
 def labels_dtype(labels: np.ndarray) -> np.dtype:
@@ -151,27 +173,31 @@ def progress_bar(console: Console):
 # --------------------------------------------------------------------------- predict
 
 
-def plan_outputs(files: Sequence[Path], out: Path, probabilities: bool, overwrite: bool) -> list[dict[str, Path]]:
-    """The output paths of every input; errors before any work if one exists (without
-    ``overwrite``), is an input, or would be written by two inputs."""
+def plan_outputs(
+    files: Sequence[Path],
+    out: Path,
+    probabilities: bool,
+    overwrite: bool,
+    skip_existing: bool = False,
+    protected: Sequence[Path] = (),
+) -> list[dict[str, Path] | None]:
+    """The output paths of every input (None: skipped, its outputs exist and ``skip_existing``);
+    errors before any work if an output exists (without ``overwrite``), is an input (or one of
+    ``protected``, e.g. the checkpoint), or would be written by two inputs."""
+    from denoiseg_core.io import plan_batch_outputs
+
     kinds = OUTPUT_KINDS if probabilities else OUTPUT_KINDS[:2]
-    inputs = {f.resolve() for f in files}
-    claimed: dict[Path, Path] = {}
     plans = []
     for file in files:
         stem = file.name[: -len(file.suffix)] if file.suffix else file.name
-        plan = {kind: out / f"{stem}_{kind}.tif" for kind in kinds}
-        for path in plan.values():
-            resolved = path.resolve()
-            if resolved in inputs:
-                raise DataError("refusing to overwrite an input file", path)
-            if resolved in claimed:
-                raise DataError(f"two inputs would write this output ({claimed[resolved]} and {file})", path)
-            claimed[resolved] = file
-            if path.exists() and not overwrite:
-                raise DataError("output exists (use --overwrite to replace it)", path)
-        plans.append(plan)
-    return plans
+        plans.append({kind: out / f"{stem}_{kind}.tif" for kind in kinds})
+    todo = plan_batch_outputs(
+        [list(plan.values()) for plan in plans],
+        inputs=[*files, *protected],
+        overwrite=overwrite,
+        skip_existing=skip_existing,
+    )
+    return [plan if run else None for plan, run in zip(plans, todo)]
 
 
 def predict_command(
@@ -197,6 +223,8 @@ def predict_command(
         str, typer.Option(help="auto (bf16 autocast where the device has fast bf16, else fp32), fp32 or bf16")
     ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace existing output files")] = False,
+    skip_existing: SkipExistingOption = False,
+    trust_checkpoint: TrustCheckpointOption = False,
 ) -> None:
     """Denoise and segment images: writes NAME_denoised.tif and NAME_labels.tif for each input."""
     from rich.table import Table
@@ -208,11 +236,13 @@ def predict_command(
         raise ConfigError(f"--precision {precision!r}: use auto, fp32 or bf16")
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, trust_checkpoint)
     tile_size = parse_tile(tile, model.ndim)
     target = resolve_device(device)
     files = collect_inputs(inputs)
-    plans = plan_outputs(files, out, probabilities, overwrite)
+    all_plans = plan_outputs(files, out, probabilities, overwrite, skip_existing, protected=[model.path])
+    skipped = sum(plan is None for plan in all_plans)
+    files, plans = [f for f, p in zip(files, all_plans) if p is not None], [p for p in all_plans if p is not None]
     for file in files:
         precheck_input(file, model)
     keep_channel_axis = model_axes(model).startswith("C")
@@ -232,15 +262,18 @@ def predict_command(
             labels = segment(model, prediction, used_threshold)
             denoised = prediction.denoised if keep_channel_axis else prediction.denoised[0]
             written = tuple(files)
-            write_tiff(plan["denoised"], denoised.astype(np.float32, copy=False), overwrite=overwrite, inputs=written)
-            write_tiff(plan["labels"], labels.astype(labels_dtype(labels)), overwrite=overwrite, inputs=written)
+            replace = overwrite or skip_existing  # skip_existing: outputs of a cut-off image are redone
+            # labels last: with --skip-existing an image counts as done only once all its outputs exist
+            write_tiff(plan["denoised"], denoised.astype(np.float32, copy=False), overwrite=replace, inputs=written)
             if probabilities:
-                write_tiff(plan["probabilities"], prediction.probabilities, overwrite=overwrite, inputs=written)
+                write_tiff(plan["probabilities"], prediction.probabilities, overwrite=replace, inputs=written)
+            write_tiff(plan["labels"], labels.astype(labels_dtype(labels)), overwrite=replace, inputs=written)
             objects = int(np.count_nonzero(np.unique(labels)))
             rows.append((file.name, "x".join(map(str, image.shape[1:])), objects, time.perf_counter() - start))
             progress.advance(task)
 
-    table = Table(title=f"denoiseg predict: {len(files)} image(s) -> {out}  (threshold {used_threshold:.2f})")
+    note = f", {skipped} skipped (outputs exist)" if skipped else ""
+    table = Table(title=f"denoiseg predict: {len(files)} image(s){note} -> {out}  (threshold {used_threshold:.2f})")
     for column, justify in (("image", "left"), ("shape", "right"), ("objects", "right"), ("seconds", "right")):
         table.add_column(column, justify=justify)
     for name, shape, objects, seconds in rows:
