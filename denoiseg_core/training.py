@@ -136,7 +136,6 @@ class Trainer:
         self.progress = progress and self.is_main
         self.log = log if self.is_main else (lambda _message: None)
         self.batch_size = distributed.per_rank_batch(config.training.batch_size, self.dist.world_size)
-        self.precision = resolve_precision(config.training.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels once
 
@@ -157,6 +156,7 @@ class Trainer:
             self.train_records, self.val_records = list(records[0]), list(records[1])
         first = self.train_records[0]
         self.ndim, self.in_channels = first.ndim, first.image.shape[0]
+        self.precision = resolve_precision(config.training.precision, self.device, training_ndim=self.ndim)
         self.config.plugins = plugin_versions(
             self.registry,
             [

@@ -83,6 +83,10 @@ def test_resolve_precision():
     assert resolve_precision("bf16", cpu) == "bf16"
     expected = "bf16" if cpu_bf16_capability() is not None else "fp32"
     assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("auto", cpu, training_ndim=2) == expected
+    # 3D training on a CPU stays float32 (bf16 gave non-finite losses there); an explicit bf16 is kept
+    assert resolve_precision("auto", cpu, training_ndim=3) == "fp32"
+    assert resolve_precision("bf16", cpu, training_ndim=3) == "bf16"
     assert cpu_bf16_capability() in (None, "amx", "avx512_bf16")
     with pytest.raises(ConfigError, match="precision"):
         resolve_precision("fp16", cpu)
