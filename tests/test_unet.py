@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from denoiseg_plugins.unet import UNetParams
+from denoiseg_plugins.unet import PlainUNetParams, UNetParams
 from denoiseg_plugins.unet_arch import UNet, unet_halo
 
 
@@ -102,7 +102,7 @@ def test_onnx_export_opset17(tmp_path):
 
 def test_spec_builds_and_rebuilds_from_architecture(registry):
     spec = registry.spec("backbone", "unet")
-    params = UNetParams(depth=2, first_filters=8)
+    params = PlainUNetParams(depth=2, first_filters=8)
     assert spec.size_divisor(params) == 4
     assert spec.halo(params) == unet_halo(2, 3)
     net = spec.build(params, ndim=3, in_channels=1, out_channels=4)
