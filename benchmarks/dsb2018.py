@@ -140,7 +140,7 @@ BUDGETS: dict[str, Budget] = {
     "short": replace(_CPU_BUDGET, note="exploration, about 5 min on 2 CPU cores", epochs=8, lr_patience=2),
     # the cpu budget's network and batch for a third of its steps: recipes are screened with it first
     # (its ranking of recipes is checked against the cpu budget's in the ablation table)
-    "screen": replace(_CPU_BUDGET, note="screening recipes, about 3 min of training on 2 CPU cores", epochs=10,
+    "screen": replace(_CPU_BUDGET, note="a third of the cpu budget's steps, for screening recipes", epochs=10,
                       lr_patience=2),
     "tiny": Budget(
         note="smoke test only, seconds",
