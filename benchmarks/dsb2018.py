@@ -221,8 +221,10 @@ RECIPES: dict[str, Recipe] = {
     "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),
 }
 #: recipes drawn as lines in the plot, with their colours
-_PLOT_COLOURS = {"default": "tab:red", "baseline": "tab:green", "baseline_ema": "tab:olive",
-                 "sequential": "tab:purple", "paper": "tab:orange"}
+_PLOT_COLOURS = {"default": "tab:red", "ema": "tab:red", "combo_d": "tab:pink", "baseline": "tab:green",
+                 "baseline_ema": "tab:olive", "sequential": "tab:purple", "paper": "tab:orange",
+                 "denoiseg_v1": "tab:brown"}
+_BUDGET_MARKERS = {"cpu": "o", "screen": "s", "paper": "D"}
 
 
 # --------------------------------------------------------------------------- data and split
@@ -691,12 +693,12 @@ PAPER_AP50 = {
     (20.0, 10): {"baseline": 0.549, "paper": 0.678},
     (0.0, 10): {"baseline": 0.579, "paper": 0.625},
 }
-_NOISE_MARKERS = {0.0: "^", 10.0: "s", 20.0: "o", 40.0: "D"}
+_NOISE_LINES = {0.0: "-.", 10.0: ":", 20.0: "-", 40.0: "--"}
 
 
 def plot_png(results: dict[str, Any]) -> bytes:
     """AP@0.5 against the number of labelled crops: one line per recipe, budget and noise (colour: recipe,
-    marker: noise), mean ± std over seeds, with the paper's figures as hollow markers for scale."""
+    marker: budget, line: noise), mean ± std over seeds, with the paper's figures as hollow markers for scale."""
     import io
 
     import matplotlib
@@ -712,14 +714,14 @@ def plot_png(results: dict[str, Any]) -> bytes:
         series.setdefault((row["budget"], row["noise"], row["recipe"]), []).append(row)
     for (budget, noise, recipe), members in sorted(series.items(), key=lambda kv: str(kv[0])):
         members.sort(key=lambda r: r["n_labelled"])
-        # a small sideways shift per recipe so error bars at the same count do not hide each other
-        shift = 1.0 + 0.025 * (shown.index(recipe) - 2)
+        # a small sideways shift per recipe and budget so error bars at the same count do not hide each other
+        shift = 1.0 + 0.02 * (shown.index(recipe) - len(shown) / 2) + (0.006 if budget == "screen" else 0.0)
         x = [r["n_labelled"] * shift for r in members]
         y = [r["ap50"][0] for r in members]
         err = [r["ap50"][1] or 0.0 for r in members]
         seeds = "/".join(sorted({str(len(r["seeds"])) for r in members}))
-        ax.errorbar(x, y, yerr=err, color=_PLOT_COLOURS[recipe], marker=_NOISE_MARKERS.get(noise, "P"),
-                    linestyle="-" if recipe == "default" else "--", capsize=3,
+        ax.errorbar(x, y, yerr=err, color=_PLOT_COLOURS[recipe], marker=_BUDGET_MARKERS.get(budget, "P"),
+                    linestyle=_NOISE_LINES.get(noise, ":"), capsize=3,
                     label=f"{recipe} ({budget}, n{noise:g}; {seeds} seed(s))")
     shown_noise = {row["noise"] for row in rows}
     first = True
@@ -727,7 +729,7 @@ def plot_png(results: dict[str, Any]) -> bytes:
         if noise not in shown_noise:
             continue
         for recipe, value in figures.items():
-            ax.plot([count], [value], linestyle="none", marker=_NOISE_MARKERS.get(noise, "P"),
+            ax.plot([count], [value], linestyle="none", marker="*",
                     markersize=9, markerfacecolor="none", markeredgecolor=_PLOT_COLOURS[recipe],
                     label="hollow: paper (full schedule, 5 runs)" if first else None)
             first = False
@@ -740,7 +742,7 @@ def plot_png(results: dict[str, Any]) -> bytes:
     ax.set_xlabel("labelled 128x128 training crops")
     ax.set_ylabel("test AP@0.5")
     ax.set_ylim(0, 1)
-    ax.set_title("DSB2018: default recipe vs baselines, Sequential and the paper's recipe")
+    ax.set_title("DSB2018 few-shot: recipes against the segmentation-only baseline")
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=6, loc="lower right")
