@@ -508,7 +508,7 @@ class Trainer:
         records = scored_validation_records(self.val_records[:limit] if limit else self.val_records)
         if not records:
             return {**result, "val_ap50": math.nan, "val_ap50_tuned": math.nan, "val_threshold": math.nan}
-        # one forward pass, scored at the fixed 0.5 and at every candidate threshold
+        # one forward pass, scored at the fixed 0.5 and at candidate thresholds
         probabilities = self.predict_probabilities(records)
         # every other candidate (0.1 apart for the built-in heads) keeps this cheap; the final tuning uses all
         candidates = sorted(set(self.built.head.threshold_candidates[::2]) | {0.5})
