@@ -552,7 +552,7 @@ def _test_psnr(denoised_images: Sequence[np.ndarray], data: Prepared) -> dict[st
 def machine_description() -> dict[str, Any]:
     import torch
 
-    from denoiseg_core.prediction import cpu_model_name
+    from denoiseg_core.runtime import cpu_model_name
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {

@@ -164,8 +164,9 @@ def measure_training(model: str, precision: str, device_name: str, batch: int, s
 def _loaded_model(model: str, tmp: Path):
     import torch
 
-    from denoiseg_core.checkpoint import Normalization, load_checkpoint, save_checkpoint
+    from denoiseg_core.checkpoint import load_checkpoint, save_checkpoint
     from denoiseg_core.config import DenoiSegConfig
+    from denoiseg_core.data import Normalization
     from denoiseg_core.model import build_model
 
     config = DenoiSegConfig.model_validate({"model": {"backbone": {"name": "unet", "params": MODELS[model]}}})
@@ -181,19 +182,17 @@ def measure_prediction(model: str, precision: str, device_name: str, size: int, 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from denoiseg_core.prediction import (
-        predict_image,
-        resolve_device,
-        resolve_precision,
-        tile_plan,
-    )
+    from denoiseg_core.prediction import choose_tile, predict_image, tile_plan
+    from denoiseg_core.runtime import resolve_device, resolve_precision
 
     device = resolve_device(device_name)
     with tempfile.TemporaryDirectory() as tmp:
         loaded = _loaded_model(model, Path(tmp))
         rng = np.random.default_rng(0)
         image = rng.normal(100, 50, size=(1, size, size)).astype(np.float32)
-        tile = None if mode == "whole" else "auto"
+        # "whole": one tile covering the image (a plain ``None`` would tile images above
+        # WHOLE_IMAGE_PIXEL_LIMIT, as `denoiseg predict` does)
+        tile = (size, size) if mode == "whole" else "auto"
         # warm-up on a small image (kernel selection), then the timed runs
         predict_image(loaded, image[:, :256, :256], device=device, precision=precision)
         best = math.inf
@@ -205,8 +204,6 @@ def measure_prediction(model: str, precision: str, device_name: str, size: int, 
             best = min(best, time.perf_counter() - started)
         net = loaded.inference_net()
         divisor, halo = loaded.built.size_divisor, loaded.built.halo
-        from denoiseg_core.prediction import choose_tile
-
         chosen = choose_tile(tile, (size, size), divisor, halo, device=device)
         plan = tile_plan((size, size), chosen, halo, divisor)
         tile_pixels = math.prod(s.stop - s.start for s in plan[0].input)
@@ -231,7 +228,8 @@ def measure_big(model: str, precision: str, device_name: str, size: int) -> dict
     import numpy as np
     import torch
 
-    from denoiseg_core.prediction import predict_image, resolve_device, segment
+    from denoiseg_core.prediction import predict_image, segment
+    from denoiseg_core.runtime import resolve_device
 
     device = resolve_device(device_name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -302,7 +300,7 @@ def run_child(spec: dict, lock: str | None) -> dict:
 def describe_machine(device_name: str) -> str:
     import torch
 
-    from denoiseg_core.prediction import cpu_bf16_capability, cpu_model_name, resolve_device
+    from denoiseg_core.runtime import cpu_bf16_capability, cpu_model_name, resolve_device
 
     device = resolve_device(device_name)
     if device.type == "cuda":
@@ -343,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     size = args.predict_size or (512 if quick else 2048)
     big = args.big if args.big is not None else (0 if quick else 8192)
     repeats = 1 if quick else 2
-    from denoiseg_core.prediction import resolve_device
+    from denoiseg_core.runtime import resolve_device
 
     device = str(resolve_device(args.device))
     common = {"device": device, "threads": args.threads, "quick": quick}

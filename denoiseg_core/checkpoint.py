@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from denoiseg_core import __version__
 from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DataError
 from denoiseg_core.io import atomic_write_bytes
 from denoiseg_core.model import BuiltModel, InferenceNet, build_model
@@ -74,17 +75,6 @@ def plain_data(value: Any) -> Any:
     if hasattr(value, "__array__"):
         return torch.as_tensor(value)
     raise TypeError(f"checkpoints hold plain data only; got {type(value).__name__}")
-
-
-@dataclass
-class Normalization:
-    """Per-channel dataset statistics; the network sees ``(x - mean) / std``."""
-
-    mean: list[float]
-    std: list[float]
-
-    def to_dict(self) -> dict:
-        return {"mean": list(map(float, self.mean)), "std": list(map(float, self.std))}
 
 
 @dataclass

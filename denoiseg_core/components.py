@@ -9,7 +9,7 @@ factories receive a validated instance of ``params``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -187,7 +187,6 @@ class RegisteredComponent:
     plugin: str
     distribution: str | None = None
     version: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:

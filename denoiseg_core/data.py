@@ -2,7 +2,7 @@
 normalisation statistics and random patch sampling with 8-fold augmentation.
 
 Every image is held channel-first, ``(C, *spatial)`` float32, with its raw intensities;
-normalisation happens only inside :class:`PatchSampler` (and :func:`normalize`). Anything
+normalisation happens only inside :class:`PatchSampler` (and :meth:`Normalization.normalize`). Anything
 wrong with the user's files raises a one-line :class:`~denoiseg_core.errors.DataError`
 naming the file.
 """
@@ -20,7 +20,6 @@ import numpy as np
 from scipy import ndimage
 from torch.utils import data as torch_data
 
-from denoiseg_core.checkpoint import Normalization
 from denoiseg_core.config import DataConfig
 from denoiseg_core.errors import ConfigError, DataError
 from denoiseg_core.io import TIFF_SUFFIXES, read_image
@@ -379,6 +378,37 @@ def load_training_data(data_config: DataConfig, seed: int) -> tuple[list[ImageRe
 # --------------------------------------------------------------------------- normalisation
 
 
+@dataclass
+class Normalization:
+    """Per-channel dataset statistics; the network sees ``(x - mean) / std``."""
+
+    mean: list[float]
+    std: list[float]
+
+    def to_dict(self) -> dict:
+        return {"mean": list(map(float, self.mean)), "std": list(map(float, self.std))}
+
+    def arrays(self, spatial_ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)`` as float32 ``(C, 1, ..., 1)`` arrays (``spatial_ndim`` ones) that broadcast
+        against a channel-first image ``(C, *spatial)`` or a batch ``(N, C, *spatial)``."""
+        shape = (-1,) + (1,) * spatial_ndim
+        return (
+            np.asarray(self.mean, dtype=np.float32).reshape(shape),
+            np.asarray(self.std, dtype=np.float32).reshape(shape),
+        )
+
+    def normalize(self, image: np.ndarray, spatial_ndim: int | None = None) -> np.ndarray:
+        """``(image - mean) / std`` per channel, float32; ``image`` is channel-first ``(C, *spatial)``,
+        or has leading axes before the channel when ``spatial_ndim`` is given."""
+        mean, std = self.arrays(image.ndim - 1 if spatial_ndim is None else spatial_ndim)
+        return ((image - mean) / std).astype(np.float32)
+
+    def denormalize(self, image: np.ndarray, spatial_ndim: int | None = None) -> np.ndarray:
+        """Inverse of :meth:`normalize`."""
+        mean, std = self.arrays(image.ndim - 1 if spatial_ndim is None else spatial_ndim)
+        return (image * std + mean).astype(np.float32)
+
+
 def compute_normalization(records: Sequence[ImageRecord]) -> Normalization:
     """Per-channel mean and standard deviation over all pixels of all images (std >= 1e-6)."""
     if not records:
@@ -395,22 +425,6 @@ def compute_normalization(records: Sequence[ImageRecord]) -> Normalization:
         squared += ((r.image.reshape(channels, -1).astype(np.float64) - mean[:, None]) ** 2).sum(axis=1)
     std = np.maximum(np.sqrt(squared / count), MIN_STD)
     return Normalization(mean=mean.tolist(), std=std.tolist())
-
-
-def normalize(image: np.ndarray, normalization: Normalization) -> np.ndarray:
-    """``(image - mean) / std`` per channel, for a channel-first image; float32."""
-    shape = (-1,) + (1,) * (image.ndim - 1)
-    mean = np.asarray(normalization.mean, dtype=np.float32).reshape(shape)
-    std = np.asarray(normalization.std, dtype=np.float32).reshape(shape)
-    return ((image - mean) / std).astype(np.float32)
-
-
-def denormalize(image: np.ndarray, normalization: Normalization) -> np.ndarray:
-    """Inverse of :func:`normalize`."""
-    shape = (-1,) + (1,) * (image.ndim - 1)
-    mean = np.asarray(normalization.mean, dtype=np.float32).reshape(shape)
-    std = np.asarray(normalization.std, dtype=np.float32).reshape(shape)
-    return (image * std + mean).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- patches
@@ -469,7 +483,7 @@ class PatchSampler:
         self.images: list[np.ndarray] = []
         self.targets: list[np.ndarray | None] = []
         for record in records:
-            self.images.append(_pad_to(normalize(record.image, normalization), self.patch_size))
+            self.images.append(_pad_to(normalization.normalize(record.image), self.patch_size))
             target = None
             if record.labels is not None:
                 target = np.asarray(targets_fn(record.labels), dtype=np.int64)

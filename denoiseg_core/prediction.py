@@ -9,13 +9,7 @@ whole-image inference up to floating-point rounding.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
-import itertools
 import math
-import os
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +20,11 @@ import torch
 from torch import nn
 
 from denoiseg_core.errors import ConfigError, DataError
+from denoiseg_core.runtime import autocast, fold_batch_norm, preferred_memory_format, resolve_device
 
 if TYPE_CHECKING:
     from denoiseg_core.checkpoint import LoadedModel
+    from denoiseg_core.data import Normalization
 
 #: images with at most this many pixels (voxels) are predicted in one piece when no tile is given
 WHOLE_IMAGE_PIXEL_LIMIT = 1024 * 1024
@@ -163,134 +159,6 @@ def default_tile(ndim: int, divisor: int, halo: int = 0) -> tuple[int, ...]:
     return tuple(round_up(t + 2 * halo, divisor) for t in DEFAULT_TILES[ndim])
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device | None:
-    """``"auto"`` -> CUDA if available else CPU; ``None`` stays ``None`` (keep the network where it is)."""
-    if device is None or isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return resolved
-
-
-@functools.lru_cache(maxsize=1)
-def _cpuinfo() -> dict[str, str]:
-    """The fields of the first processor in ``/proc/cpuinfo`` (Linux); empty elsewhere."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if not line.strip():
-                    break  # the first processor's block ends at a blank line
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
-def cpu_model_name() -> str:
-    """The CPU model (``model name`` in ``/proc/cpuinfo``), else what :mod:`platform` says."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
-
-
-def cpu_bf16_capability() -> str | None:
-    """The CPU's native bfloat16 matrix instructions: ``"amx"``, ``"avx512_bf16"`` or ``None``.
-
-    Read from ``/proc/cpuinfo`` (Linux); other systems report ``None``. Without these
-    instructions oneDNN emulates bf16 and autocast is slower than float32.
-    ``torch.backends.cpu.get_cpu_capability()`` only says ``AVX512`` for both kinds.
-    """
-    flags = set(_cpuinfo().get("flags", "").split())
-    if "amx_bf16" in flags:
-        return "amx"
-    if "avx512_bf16" in flags:
-        return "avx512_bf16"
-    return None
-
-
-def resolve_precision(precision: str, device: torch.device, training_ndim: int | None = None) -> str:
-    """``fp32``/``bf16`` stay; ``auto`` picks the fast safe choice for ``device``.
-
-    ``auto`` is bf16 autocast (float32 weights, losses and outputs) on a CUDA GPU with
-    bf16 support and on a CPU with native bf16 matrix instructions (AMX or AVX512-BF16,
-    where bf16 convolutions measured 1.5-2x faster than float32); float32 elsewhere, and
-    for training 3D networks on a CPU (``training_ndim=3``): there bf16 gave non-finite
-    losses in about 1 of 8 short runs on an AVX512-BF16 CPU. Setting ``DENOISEG_CPU_BF16=0``
-    (or ``1``) overrides the CPU choice.
-    """
-    if precision in ("fp32", "bf16"):
-        return precision
-    if precision != "auto":
-        raise ConfigError(f"unknown precision {precision!r} (use fp32, bf16 or auto)")
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        forced = os.environ.get("DENOISEG_CPU_BF16")
-        if forced is not None:
-            return "bf16" if forced.strip() not in ("", "0", "false", "no") else "fp32"
-        return "bf16" if cpu_bf16_capability() is not None and training_ndim != 3 else "fp32"
-    return "fp32"
-
-
-def preferred_memory_format(ndim: int, device: torch.device) -> torch.memory_format:
-    """Channels-last layout (NHWC / NDHWC): oneDNN and cuDNN convolutions are fastest in it
-    (measured 1.2-2x for DenoiSeg U-Nets on CPU, 2D and 3D, fp32 and bf16)."""
-    if ndim == 2:
-        return torch.channels_last
-    if ndim == 3:
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _autocast(device: torch.device, precision: str):
-    if resolve_precision(precision, device) == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _foldable_pairs(net: nn.Module) -> list[tuple[nn.Sequential, str, str]]:
-    """``(sequential, conv_name, bn_name)`` for each batch norm (with running statistics)
-    that directly follows a convolution inside an ``nn.Sequential``."""
-    pairs = []
-    for module in net.modules():
-        if isinstance(module, nn.Sequential):
-            children = list(module._modules.items())
-            for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
-                if isinstance(conv, _CONVOLUTIONS) and isinstance(bn, _BATCH_NORMS) and bn.track_running_stats:
-                    pairs.append((module, conv_name, bn_name))
-    return pairs
-
-
-def fold_batch_norm(net: nn.Module) -> nn.Module:
-    """For inference: a copy of an eval-mode ``net`` with every batch norm that directly
-    follows a convolution (in an ``nn.Sequential``) folded into the convolution's weights.
-
-    Same function up to float rounding, one memory pass less per convolution (measured
-    about 10% faster in float32 and 20% in bf16 on CPU for the DenoiSeg U-Net). Returns
-    ``net`` itself when it is training or has nothing to fold.
-    """
-    if net.training or not _foldable_pairs(net):
-        return net
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = copy.deepcopy(net)
-    for sequential, conv_name, bn_name in _foldable_pairs(folded):
-        conv, bn = sequential._modules[conv_name], sequential._modules[bn_name]
-        sequential._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-        sequential._modules[bn_name] = nn.Identity()
-    return folded
-
-
 def _padded_axis_index(size: int, padded: int) -> np.ndarray:
     """Source index of each position along a padded axis (reflect padding at the end, as
     ``np.pad(..., mode="reflect")`` would do, ``symmetric`` for a single pixel)."""
@@ -328,7 +196,7 @@ def predict_array(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     out_channels: int | None = None,
-    normalization: tuple[np.ndarray, np.ndarray] | None = None,
+    normalization: Normalization | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run ``net`` (``(N, C, *s) -> (N, K, *s)``) over one ``(C, *spatial)`` image, tiled.
@@ -337,17 +205,16 @@ def predict_array(
     Tiles go through the network ``batch_size`` at a time and their kept centres are
     written into one preallocated ``(K, *spatial)`` float32 array, so memory stays bounded
     by the image, the output and one batch of tiles (at most :data:`TILE_BATCH_PIXELS`
-    pixels, so large tiles go one at a time): the padding and (with
-    ``normalization=(mean, std)``, arrays broadcasting against the image) the
-    normalisation are applied tile by tile, never to a full-size copy. ``out`` is an
+    pixels, so large tiles go one at a time): the padding and (with a
+    ``normalization``) the normalisation are applied tile by tile, never to a full-size copy. ``out`` is an
     optional preallocated ``(K, *spatial)`` float32 array (for instance a
     :func:`tiff_memmap`, to stream a large output to disk) that is filled and returned.
 
     ``device=None`` runs where the network's parameters are; otherwise the network is
     moved there. ``precision``: ``fp32``, ``bf16`` (autocast) or ``auto`` (see
-    :func:`resolve_precision`). The network runs in channels_last memory layout (faster
+    :func:`~denoiseg_core.runtime.resolve_precision`). The network runs in channels_last memory layout (faster
     convolutions; same weights) and, in eval mode, with its batch norms folded into the
-    convolutions (:func:`fold_batch_norm`, on a copy). Put it in eval mode first.
+    convolutions (:func:`~denoiseg_core.runtime.fold_batch_norm`, on a copy). Put it in eval mode first.
     """
     image = np.asarray(image_normalised)
     if image.dtype.kind not in "uif":
@@ -369,7 +236,7 @@ def predict_array(
     net.to(memory_format=memory_format)
     shift = scale = None
     if normalization is not None:
-        shift, scale = (np.asarray(a, dtype=np.float32) for a in normalization)
+        shift, scale = normalization.arrays(len(spatial))
 
     padded = padded_shape(spatial, divisor)
     axis_index = [_padded_axis_index(s, p) for s, p in zip(spatial, padded)]
@@ -386,7 +253,7 @@ def predict_array(
     if result is None and expected is not None:
         result = np.empty((expected, *spatial), dtype=np.float32)
     non_blocking = target.type == "cuda"
-    with torch.inference_mode(), _autocast(target, precision):
+    with torch.inference_mode(), autocast(target, precision):
         for first in range(0, len(placements), batch_size):
             batch = placements[first : first + batch_size]
             inputs = torch.from_numpy(np.stack([_read_tile(image, p.input, axis_index, shift, scale) for p in batch]))
@@ -492,9 +359,6 @@ def predict_image(
         )
     if image.dtype.kind == "b":
         image = image.astype(np.float32)
-    extra = (1,) * model.ndim
-    mean = np.asarray(model.normalization.mean, dtype=np.float32).reshape(-1, *extra)
-    std = np.asarray(model.normalization.std, dtype=np.float32).reshape(-1, *extra)
     divisor, halo = model.built.size_divisor, model.built.halo
     target = resolve_device(device)
     where = target if target is not None else next(model.built.net.parameters()).device
@@ -512,13 +376,14 @@ def predict_image(
             device=target,
             precision=precision,
             out_channels=model.in_channels + model.built.head.num_classes,
-            normalization=(mean, std),
+            normalization=model.normalization,
             out=out,
         )
     finally:
         model.built.net.train(was_training)
     denoised = output[: model.in_channels]
-    denoised *= std
+    mean, std = model.normalization.arrays(model.ndim)
+    denoised *= std  # in place: ``out`` may be a memory-mapped file
     denoised += mean
     return Prediction(denoised=denoised, probabilities=output[model.in_channels :])
 

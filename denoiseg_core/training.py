@@ -13,7 +13,7 @@ the hardware has native bf16 (CUDA, AMX or AVX512-BF16 CPUs); losses are accumul
 the device (no host sync per step); ``training.num_workers > 0`` samples patches in
 DataLoader worker processes (pinned memory on CUDA); ``training.compile`` wraps the
 network in ``torch.compile``; under ``torchrun`` the run is data-parallel (DDP, see
-:mod:`denoiseg_core.distributed`).
+:mod:`denoiseg_core.runtime.distributed`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from denoiseg_core import distributed
 from denoiseg_core.checkpoint import (
-    Normalization,
     load_checkpoint,
     load_weights,
     read_checkpoint_state,
@@ -42,6 +40,7 @@ from denoiseg_core.checkpoint import (
 from denoiseg_core.config import DenoiSegConfig, save_config, validate_components
 from denoiseg_core.data import (
     ImageRecord,
+    Normalization,
     PatchSampler,
     PatchStream,
     compute_normalization,
@@ -53,10 +52,11 @@ from denoiseg_core.losses import denoiseg_loss
 from denoiseg_core.metrics import average_precision
 from denoiseg_core.model import BuiltModel, InferenceNet, build_model
 from denoiseg_core.plugin_manager import get_registry, plugin_versions
-from denoiseg_core.prediction import (
-    choose_tile,
+from denoiseg_core.prediction import choose_tile, predict_array
+from denoiseg_core.runtime import (
+    autocast,
+    distributed,
     fold_batch_norm,
-    predict_array,
     preferred_memory_format,
     resolve_device,
     resolve_precision,
@@ -84,10 +84,6 @@ BEST_DENOISING = "best_denoising.pt"
 COMPILE_BACKEND = "inductor"
 #: seconds between live-loss updates of the progress bar (each one waits for the device)
 PROGRESS_INTERVAL = 1.0
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def seed_everything(seed: int) -> None:
@@ -522,14 +518,12 @@ class Trainer:
         """Segmentation probabilities of whole validation images (tiled), in eval mode."""
         # folded once here, not once per image inside predict_array (it copies the network)
         inference = fold_batch_norm(InferenceNet(self.eval_net, self.built.head).eval())
-        mean = np.asarray(self.normalization.mean, np.float32).reshape((-1,) + (1,) * self.ndim)
-        std = np.asarray(self.normalization.std, np.float32).reshape((-1,) + (1,) * self.ndim)
         out = []
         for rec in records:
             result = predict_array(
                 inference,
                 rec.image,
-                normalization=(mean, std),
+                normalization=self.normalization,
                 divisor=self.built.size_divisor,
                 halo=self.built.halo,
                 tile=choose_tile(None, rec.spatial_shape, self.built.size_divisor, self.built.halo),

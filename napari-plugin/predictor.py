@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from denoiseg_core.errors import DataError, DenoiSegError
-from denoiseg_core.prediction import choose_tile, predict_array, resolve_device, tile_plan
+from denoiseg_core.prediction import choose_tile, predict_array, tile_plan
+from denoiseg_core.runtime import resolve_device
 
 from denoiseg_napari.layer_data import split_images, spatial_ndim, stack_like
 
@@ -80,9 +81,6 @@ class RunPredictor:
     def predict(self, image: np.ndarray, on_tiles: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
         """``(denoised (*spatial), probabilities (K, *spatial))`` of one single-channel image."""
         model, built = self.model, self.model.built
-        extra = (1,) * model.ndim
-        mean = np.asarray(model.normalization.mean, np.float32).reshape(-1, *extra)
-        std = np.asarray(model.normalization.std, np.float32).reshape(-1, *extra)
         tile = choose_tile(self.tile, image.shape, built.size_divisor, built.halo, device=resolve_device("auto"))
         output = predict_array(
             _CountingNet(model.inference_net(), on_tiles).eval(),
@@ -93,9 +91,9 @@ class RunPredictor:
             device=resolve_device("auto"),  # the GPU when there is one, as `denoiseg predict`
             precision="auto",
             out_channels=1 + built.head.num_classes,
-            normalization=(mean, std),
+            normalization=model.normalization,
         )
-        return output[0] * std[0] + mean[0], output[1:]
+        return model.normalization.denormalize(output[:1])[0], output[1:]
 
     def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
         return self.model.head.instances(probabilities, float(threshold))

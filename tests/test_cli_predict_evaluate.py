@@ -14,9 +14,10 @@ import tifffile
 import torch
 from typer.testing import CliRunner
 
-from denoiseg_core.checkpoint import Normalization, load_checkpoint, save_checkpoint
+from denoiseg_core.checkpoint import load_checkpoint, save_checkpoint
 from denoiseg_core.cli import build_app
 from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DataError
 from denoiseg_core.metrics import evaluate_segmentation
 from denoiseg_core.model import build_model

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-from denoiseg_core.checkpoint import Normalization
 from denoiseg_core.config import DataConfig
 from denoiseg_core.data import (
     ImageRecord,
     PatchSampler,
+    Normalization,
     compute_normalization,
-    denormalize,
     load_folder,
     load_npz,
     load_training_data,
-    normalize,
     to_channel_first,
 )
 from denoiseg_core.errors import DataError
@@ -194,8 +194,10 @@ def test_normalization_stats():
     pooled = np.concatenate([a.reshape(2, -1), b.reshape(2, -1)], axis=1).astype(np.float64)
     np.testing.assert_allclose(norm.mean, pooled.mean(axis=1), rtol=1e-6)
     np.testing.assert_allclose(norm.std, pooled.std(axis=1), rtol=1e-5)
-    restored = denormalize(normalize(a, norm), norm)
+    restored = norm.denormalize(norm.normalize(a))
     np.testing.assert_allclose(restored, a, rtol=1e-5, atol=1e-3)
+    batch = norm.normalize(np.stack([a[:, ::-1], a]), spatial_ndim=2)  # (N, C, Y, X): per channel, not per image
+    np.testing.assert_array_equal(batch[1], norm.normalize(a))
 
 
 def test_normalization_constant_image_floor():
@@ -327,3 +329,10 @@ def test_sampler_targets_computed_once():
     for _ in range(5):
         sampler.sample(8, np.random.default_rng(0))
     assert len(calls) == 3
+
+
+def test_reading_data_does_not_load_the_model_builder():
+    """Loading TIFFs and normalising them needs no network code (the checkpoint and model modules stay unloaded)."""
+    code = "import sys, denoiseg_core.data; print(sorted(m for m in sys.modules if m in ('denoiseg_core.model', 'denoiseg_core.checkpoint')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from denoiseg_core.checkpoint import load_checkpoint, read_checkpoint_state
-from denoiseg_core.distributed import DistributedContext, per_rank_batch, setup
+from denoiseg_core.runtime.distributed import DistributedContext, per_rank_batch, setup
 from denoiseg_core.errors import ConfigError
 from denoiseg_core.prediction import predict_image
 from denoiseg_core.synthetic import write_synthetic_dataset

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from denoiseg_core.checkpoint import LoadedModel, Normalization, load_checkpoint, save_checkpoint
+from denoiseg_core.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.data import Normalization
 from denoiseg_core.errors import ConfigError, DataError
 from denoiseg_core.model import build_model
 from denoiseg_core.prediction import (

@@ -22,8 +22,9 @@ import tifffile
 import torch
 import yaml
 
-from denoiseg_core.checkpoint import Normalization, read_checkpoint_state, save_checkpoint
+from denoiseg_core.checkpoint import read_checkpoint_state, save_checkpoint
 from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.model import build_model
 from denoiseg_core.synthetic import write_synthetic_dataset

@@ -14,20 +14,13 @@ from denoiseg_plugins.unet_arch import UNet, unet_halo
 from torch.utils.data import DataLoader
 
 from denoiseg_core import training
-from denoiseg_core.checkpoint import Normalization, load_checkpoint, save_checkpoint
+from denoiseg_core.checkpoint import load_checkpoint, save_checkpoint
 from denoiseg_core.config import DenoiSegConfig
-from denoiseg_core.data import PatchSampler, PatchStream, load_folder
+from denoiseg_core.data import Normalization, PatchSampler, PatchStream, load_folder
 from denoiseg_core.errors import ConfigError
 from denoiseg_core.model import build_model
-from denoiseg_core.prediction import (
-    cpu_bf16_capability,
-    device_tile,
-    fold_batch_norm,
-    predict_array,
-    predict_image,
-    resolve_precision,
-    tiff_memmap,
-)
+from denoiseg_core.prediction import device_tile, predict_array, predict_image, tiff_memmap
+from denoiseg_core.runtime import cpu_bf16_capability, fold_batch_norm, resolve_precision
 from denoiseg_core.synthetic import write_synthetic_dataset
 from denoiseg_core.training import Trainer, train
 

@@ -21,8 +21,9 @@ import tifffile
 import torch
 import yaml
 
-from denoiseg_core.checkpoint import Normalization, load_checkpoint, read_checkpoint_state, save_checkpoint
+from denoiseg_core.checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
 from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.metrics import average_precision
 from denoiseg_core.model import build_model

@@ -26,9 +26,10 @@ import torch
 import yaml
 from torch import nn
 
-from denoiseg_core.checkpoint import Normalization, load_checkpoint, save_checkpoint
+from denoiseg_core.checkpoint import load_checkpoint, save_checkpoint
 from denoiseg_core.cli.demo import DEMO_OVERRIDES
 from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.metrics import average_precision
 from denoiseg_core.model import InferenceNet, build_model

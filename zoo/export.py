@@ -126,8 +126,7 @@ def _synthetic_sample(model: LoadedModel, size: int) -> np.ndarray:
     shape = (min(size, 32),) * (model.ndim - 2) + (size, size)
     _, noisy, _ = make_nuclei_image(shape, np.random.default_rng(0))
     noisy = (noisy - noisy.mean()) / max(float(noisy.std()), 1e-6)
-    channels = [noisy * s + m for m, s in zip(model.normalization.mean, model.normalization.std)]
-    return np.stack(channels).astype(np.float32)
+    return model.normalization.denormalize(np.broadcast_to(noisy, (model.in_channels, *noisy.shape)))
 
 
 def test_window(image: np.ndarray, geometry: TensorGeometry) -> np.ndarray:
@@ -149,14 +148,11 @@ def test_window(image: np.ndarray, geometry: TensorGeometry) -> np.ndarray:
 def _reference_output(model: LoadedModel, raw_batch: np.ndarray) -> np.ndarray:
     """What the package must produce for ``raw_batch`` (N, C, *s): eager PyTorch, with the
     package's pre- and postprocessing applied the way bioimageio.core applies them."""
-    extra = (1,) * model.ndim
-    mean = np.asarray(model.normalization.mean, dtype=np.float32).reshape(1, -1, *extra)
-    std = np.asarray(model.normalization.std, dtype=np.float32).reshape(1, -1, *extra)
     net = model.inference_net()
     with torch.inference_mode():
-        output = net(torch.from_numpy((raw_batch - mean) / std)).numpy()
+        output = net(torch.from_numpy(model.normalization.normalize(raw_batch, model.ndim))).numpy()
     output = output.copy()
-    output[:, : model.in_channels] = output[:, : model.in_channels] * std + mean
+    output[:, : model.in_channels] = model.normalization.denormalize(output[:, : model.in_channels], model.ndim)
     return output.astype(np.float32)
 
 
@@ -482,7 +478,7 @@ def export_package(
 
         # weights (each checked against the eager network on the test input)
         inference = model.inference_net()
-        example = torch.from_numpy(_normalised(model, test_input))
+        example = torch.from_numpy(model.normalization.normalize(test_input, model.ndim))
         log("exporting weights: pytorch_state_dict, torchscript, onnx")
         put("architecture", "denoiseg_architecture.py", arch.source)
         put("state_dict", "weights.pt", weight_export.state_dict_bytes(built.net))
@@ -525,13 +521,6 @@ def export_package(
             if out.exists() and not options.overwrite:  # appeared while exporting
                 raise DenoiSegError("output exists (use --overwrite to replace it)", out)
     return ExportResult(path=out, summary=summary, torchscript_how=how)
-
-
-def _normalised(model: LoadedModel, raw_batch: np.ndarray) -> np.ndarray:
-    extra = (1,) * model.ndim
-    mean = np.asarray(model.normalization.mean, dtype=np.float32).reshape(1, -1, *extra)
-    std = np.asarray(model.normalization.std, dtype=np.float32).reshape(1, -1, *extra)
-    return ((raw_batch - mean) / std).astype(np.float32)
 
 
 def _check_architecture(path: Path, arch, built, inference, example: torch.Tensor) -> None:

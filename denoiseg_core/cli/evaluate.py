@@ -81,7 +81,8 @@ def evaluate_command(
     from denoiseg_core.data import to_channel_first, validate_mask
     from denoiseg_core.io import atomic_write_text, check_outputs, read_image
     from denoiseg_core.metrics import evaluate_segmentation, format_table, psnr
-    from denoiseg_core.prediction import predict_image, resolve_device, segment
+    from denoiseg_core.prediction import predict_image, segment
+    from denoiseg_core.runtime import resolve_device
 
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")

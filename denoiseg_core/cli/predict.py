@@ -230,7 +230,8 @@ def predict_command(
     from rich.table import Table
 
     from denoiseg_core.io import write_tiff
-    from denoiseg_core.prediction import predict_image, resolve_device, segment
+    from denoiseg_core.prediction import predict_image, segment
+    from denoiseg_core.runtime import resolve_device
 
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: use auto, fp32 or bf16")
