@@ -28,6 +28,7 @@ from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DataError
 from denoiseg_core.io import atomic_write_bytes
 from denoiseg_core.model import BuiltModel, InferenceNet, build_model
+from denoiseg_core.plugin_manager import get_plugin_manager
 
 CHECKPOINT_FORMAT = "denoiseg-checkpoint/1"
 
@@ -172,6 +173,27 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
         raise DataError(f"cannot read checkpoint ({exc.strerror or type(exc).__name__})", path) from None
     except Exception as exc:
         raise DataError(f"not a readable checkpoint ({type(exc).__name__})", path) from None
+    check_checkpoint_state(state, path)
+    return state
+
+
+def read_package_state(path: Path) -> dict[str, Any]:
+    """The checkpoint dictionary of a model package (``train --init-from MODEL.zip``), read by the
+    plugin that implements ``denoiseg_read_package_weights`` (denoiseg's zoo, for bioimage.io
+    packages); a one-line error if no installed plugin reads it."""
+    path = Path(path)
+    state = get_plugin_manager().hook.denoiseg_read_package_weights(path=path)
+    if state is None:
+        raise DataError(
+            "no installed plugin reads model packages (hook denoiseg_read_package_weights; "
+            "denoiseg's zoo reads bioimage.io packages)", path,
+        )
+    check_checkpoint_state(state, path)
+    return state
+
+
+def check_checkpoint_state(state: Any, path: Path) -> None:
+    """A one-line error naming ``path`` unless ``state`` is a complete denoiseg checkpoint dictionary."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"not a denoiseg checkpoint (expected format {CHECKPOINT_FORMAT})", path)
     missing = [key for key in REQUIRED_KEYS if key not in state]
@@ -180,7 +202,6 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
     if not isinstance(state["model_state"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model_state"].values()):
         raise DataError("checkpoint model_state is not a dictionary of tensors", path)
     check_normalization(state["normalization"], path)
-    return state
 
 
 def _unsupported_global(exc: Exception) -> str:

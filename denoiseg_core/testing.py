@@ -23,9 +23,10 @@ What is checked (see each function for details):
   rejects unknown keys and documents every field (``denoiseg plugins list`` shows it);
 * backbones: the shape contract at 2D and 3D sizes (multiples of ``size_divisor``),
   gradients reaching every parameter, batch independence in eval mode, the ``halo``
-  (tiled inference equals whole-image inference beyond it), TorchScript (script and
-  trace, saved and reloaded, at a second size), ONNX export with dynamic sizes and
-  agreement of onnxruntime, and the self-contained architecture file for bioimage.io;
+  (tiled inference equals whole-image inference beyond it), and exportability as
+  ``denoiseg zoo export`` defines it (:mod:`denoiseg_core.exportability`): TorchScript
+  that old runtimes load and ONNX, both agreeing with eager PyTorch at two sizes, and the
+  self-contained architecture file for bioimage.io;
 * masking strategies: shapes, dtypes and device, the input left unmodified, a sensible
   blind-spot fraction in every patch spread over the whole patch, blind spots actually
   hidden, pixels away from blind spots untouched, determinism under a seeded generator;
@@ -36,14 +37,9 @@ What is checked (see each function for details):
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import io
+import functools
 import math
-import sys
-import uuid
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +47,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from denoiseg_core import exportability
 from denoiseg_core.components import (
     BackboneSpec,
     ComponentParams,
@@ -60,6 +57,7 @@ from denoiseg_core.components import (
     RegisteredComponent,
     SemiSupervisedSpec,
 )
+from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.plugin_manager import KINDS, Registry, get_registry
 
 __all__ = [
@@ -260,67 +258,36 @@ def check_backbone_export(
     net: nn.Module | None = None,
     registry: Registry | None = None,
 ) -> None:
-    """TorchScript (script and trace, through save/load) and ONNX (opset 17, dynamic batch and
-    spatial sizes, run by onnxruntime) must agree with eager PyTorch, also at a second size."""
+    """The network exports the way ``denoiseg zoo export`` exports it (the same functions, from
+    :mod:`denoiseg_core.exportability`): TorchScript that old runtimes load (scripted, else
+    traced) and a self-contained ONNX file (opset 17, dynamic batch and spatial sizes); both,
+    run by TorchScript and onnxruntime, agree with eager PyTorch, also at a second size."""
     spec: BackboneSpec = resolve_spec("backbone", component, registry)
     params = check_params(spec, params) if not isinstance(params, ComponentParams) else params
     net = net if net is not None else _build(spec, params, ndim, in_channels, out_channels)
     net.eval()
-    first, second = _test_sizes(spec.size_divisor(params), ndim)
+    divisor = spec.size_divisor(params)
+    first, second = _test_sizes(divisor, ndim)
     x1 = torch.randn(1, in_channels, *first)
     x2 = torch.randn(2, in_channels, *second)
     with torch.no_grad():
         expected1, expected2 = net(x1), net(x2)
 
-    if torchscript:
-        for how in ("script", "trace"):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    module = torch.jit.script(net) if how == "script" else torch.jit.trace(net, x1, check_trace=False)
-                buffer = io.BytesIO()
-                torch.jit.save(module, buffer)
-                buffer.seek(0)
-                module = torch.jit.load(buffer)
-            except Exception as exc:  # the message is the point: which construct failed
-                raise ConformanceError(
-                    f"backbone {spec.name!r}: torch.jit.{how} failed in {ndim}D: {type(exc).__name__}: {exc}"
-                ) from None
-            # Without the profiling executor's optimisation passes: they only cost time here.
-            with torch.no_grad(), torch.jit.optimized_execution(False):
-                for x, expected in ((x1, expected1), (x2, expected2)):
-                    _require(
-                        _close(module(x), expected),
-                        spec,
-                        f"{ndim}D TorchScript ({how}) output differs from eager at input {tuple(x.shape)}",
-                    )
-
-    if onnx:
-        import onnxruntime
-
-        names = ["batch"] + [f"{axis}_size" for axis in "zyx"[3 - ndim :]]
-        dynamic = {0: names[0], **{2 + i: names[1 + i] for i in range(ndim)}}
-        buffer = io.BytesIO()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # dynamo=False: the TorchScript-based exporter needs no onnxscript and handles
-                # dynamic spatial sizes of these convolutional networks.
-                torch.onnx.export(
-                    net, (x1,), buffer, dynamo=False, opset_version=17, input_names=["input"],
-                    output_names=["output"], dynamic_axes={"input": dynamic, "output": dynamic},
-                )  # fmt: skip
-        except Exception as exc:
-            raise ConformanceError(
-                f"backbone {spec.name!r}: ONNX export failed in {ndim}D: {type(exc).__name__}: {exc}"
-            ) from None
-        session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}  # format -> run it on an array
+    try:
+        if torchscript:
+            data, how = exportability.export_torchscript(net, x1, spec.name, step=divisor)
+            runners[f"TorchScript ({how})"] = functools.partial(exportability.run_torchscript, data)
+        if onnx:
+            runners["ONNX (onnxruntime)"] = functools.partial(exportability.run_onnx, exportability.export_onnx(net, x1, spec.name))
+    except DenoiSegError as exc:
+        raise ConformanceError(f"{exc} (in {ndim}D)") from None
+    for label, run in runners.items():
         for x, expected in ((x1, expected1), (x2, expected2)):
-            (result,) = session.run(None, {"input": x.numpy()})
             _require(
-                _close(torch.from_numpy(result), expected),
+                _close(torch.from_numpy(run(x.numpy())), expected),
                 spec,
-                f"{ndim}D onnxruntime output differs from PyTorch at input {tuple(x.shape)}",
+                f"{ndim}D {label} output differs from eager PyTorch at input {tuple(x.shape)}",
             )
 
 
@@ -358,19 +325,6 @@ def check_backbone_halo(
     )
 
 
-def _imports_of(source: str) -> set[str]:
-    modules: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                modules.add("." * node.level + (node.module or ""))
-            elif node.module:
-                modules.add(node.module.split(".")[0])
-    return modules
-
-
 def check_architecture_source(
     component: str | BackboneSpec | RegisteredComponent,
     *,
@@ -388,37 +342,15 @@ def check_architecture_source(
     arch = spec.architecture
     _require(arch is not None, spec, "has no architecture source (needed for bioimage.io pytorch_state_dict weights)")
     _require(arch.file.is_file(), spec, f"architecture file {arch.file} does not exist")
-    allowed = set(sys.stdlib_module_names) | {"torch"}
-    foreign = sorted(_imports_of(arch.file.read_text()) - allowed)
-    _require(not foreign, spec, f"architecture file {arch.file.name} is not self-contained: it imports {foreign}")
-
-    module_name = f"_denoiseg_conformance_{uuid.uuid4().hex}"
-    loader_spec = importlib.util.spec_from_file_location(module_name, arch.file)
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[module_name] = module  # dataclasses and typing resolve names through sys.modules
-    try:
-        loader_spec.loader.exec_module(module)
-        _require(hasattr(module, arch.callable_name), spec, f"{arch.file.name} defines no {arch.callable_name!r}")
-        kwargs = arch.kwargs(params, ndim, in_channels, out_channels)
-        rebuilt = getattr(module, arch.callable_name)(**kwargs)
-    finally:
-        sys.modules.pop(module_name, None)
     net = _build(spec, params, ndim, in_channels, out_channels).eval()
-    try:
-        rebuilt.load_state_dict(net.state_dict(), strict=True)
-    except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise ConformanceError(
-            f"backbone {spec.name!r}: state dict does not fit {arch.callable_name}: {first_line}"
-        ) from None
-    rebuilt.eval()
     x = torch.randn(1, in_channels, *_test_sizes(spec.size_divisor(params), ndim)[0])
-    with torch.no_grad():
-        _require(
-            _close(rebuilt(x), net(x)),
-            spec,
-            f"{arch.callable_name} from {arch.file.name} gives a different {ndim}D output",
+    try:
+        exportability.check_self_contained(arch.file, spec.name)
+        exportability.check_architecture_rebuilds(
+            arch.file, arch.callable_name, arch.kwargs(params, ndim, in_channels, out_channels), net.state_dict(), net, x, spec.name
         )
+    except DenoiSegError as exc:
+        raise ConformanceError(f"{exc} (in {ndim}D)") from None
 
 
 # --------------------------------------------------------------------------- masking

@@ -35,6 +35,7 @@ from denoiseg_core.checkpoint import (
     load_checkpoint,
     load_weights,
     read_checkpoint_state,
+    read_package_state,
     save_checkpoint,
 )
 from denoiseg_core.config import DenoiSegConfig, save_config, validate_components
@@ -273,9 +274,7 @@ class Trainer:
     def _init_weights(self, source: Path) -> None:
         """Start from the weights (and normalisation) of a checkpoint or a denoiseg bioimage.io package."""
         if source.suffix == ".zip":
-            from denoiseg_zoo.importing import checkpoint_state_from_package
-
-            state = checkpoint_state_from_package(source)
+            state = read_package_state(source)
         else:
             state = read_checkpoint_state(source)
         if state["ndim"] != self.ndim or state["in_channels"] != self.in_channels:

@@ -1,7 +1,10 @@
-"""The built-in ``unet`` backbone (plugin registered through the ``denoiseg.plugins`` entry point)."""
+"""The built-in ``unet`` backbone, and what the U-Net family (``unet``, ``res_unet``, ``n2v2_unet``)
+shares: parameters and one architecture, :class:`unet_arch.UNet` (plugins registered through
+the ``denoiseg.plugins`` entry point)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -13,7 +16,7 @@ from denoiseg_plugins import unet_arch
 
 
 class UNetParams(ComponentParams):
-    """Parameters of the ``unet`` backbone (DenoiSeg paper defaults)."""
+    """Parameters of the U-Net family's backbones (DenoiSeg paper defaults)."""
 
     depth: int = Field(4, ge=1, le=6, description="number of down-sampling levels; sizes must be multiples of 2**depth")
     first_filters: int = Field(32, ge=1, description="feature channels at full resolution (doubled per level)")
@@ -28,20 +31,6 @@ class UNetParams(ComponentParams):
         return value
 
 
-def unet_architecture_kwargs(params: UNetParams, ndim: int, in_channels: int, out_channels: int) -> dict:
-    """Constructor arguments of the U-Net family's architecture classes (shared with
-    ``n2v2_unet`` and ``res_unet``, which take the same parameters)."""
-    return {
-        "ndim": ndim,
-        "in_channels": in_channels,
-        "out_channels": out_channels,
-        "depth": params.depth,
-        "first_filters": params.first_filters,
-        "kernel_size": params.kernel_size,
-        "batch_norm": params.batch_norm,
-    }
-
-
 class PlainUNetParams(UNetParams):
     """Parameters of the ``unet`` backbone: the family's, plus the original network's shape."""
 
@@ -52,30 +41,46 @@ class PlainUNetParams(UNetParams):
     )
 
 
-def plain_unet_kwargs(params: PlainUNetParams, ndim: int, in_channels: int, out_channels: int) -> dict:
-    """Constructor arguments of :class:`unet_arch.UNet`."""
-    return {**unet_architecture_kwargs(params, ndim, in_channels, out_channels), "halve_second_conv": params.halve_second_conv}
+def unet_family_backbone(
+    name: str, params: type[UNetParams], description: str, options: Callable[[UNetParams], dict]
+) -> BackboneSpec:
+    """A backbone of the U-Net family: :class:`unet_arch.UNet` built with the family's
+    parameters plus the constructor ``options`` (block, pooling, top skip, ...) of the variant;
+    its architecture source is ``unet_arch.py``, the same file for every variant."""
 
+    def architecture_kwargs(params: UNetParams, ndim: int, in_channels: int, out_channels: int) -> dict:
+        return {
+            "ndim": ndim,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "depth": params.depth,
+            "first_filters": params.first_filters,
+            "kernel_size": params.kernel_size,
+            "batch_norm": params.batch_norm,
+            **options(params),
+        }
 
-def build_unet(params: PlainUNetParams, *, ndim: int, in_channels: int, out_channels: int) -> nn.Module:
-    """The U-Net for ``ndim``-D images with the given channel counts."""
-    return unet_arch.UNet(**plain_unet_kwargs(params, ndim, in_channels, out_channels))
+    def build(params: UNetParams, *, ndim: int, in_channels: int, out_channels: int) -> nn.Module:
+        return unet_arch.UNet(**architecture_kwargs(params, ndim, in_channels, out_channels))
+
+    return BackboneSpec(
+        name=name,
+        params=params,
+        build=build,
+        size_divisor=lambda p: 2**p.depth,
+        halo=lambda p: unet_arch.unet_halo(p.depth, p.kernel_size, options(p).get("pooling", "max")),
+        description=description,
+        architecture=ArchitectureSource(file=Path(unet_arch.__file__), callable_name="UNet", kwargs=architecture_kwargs),
+    )
 
 
 @hookimpl
 def denoiseg_register_backbones() -> list[BackboneSpec]:
     return [
-        BackboneSpec(
-            name="unet",
-            params=PlainUNetParams,
-            build=build_unet,
-            size_divisor=lambda p: 2**p.depth,
-            halo=lambda p: unet_arch.unet_halo(p.depth, p.kernel_size),
-            description="U-Net (2D/3D): two convolutions per level, max-pooling, nearest upsampling, skip concatenation",
-            architecture=ArchitectureSource(
-                file=Path(unet_arch.__file__),
-                callable_name="UNet",
-                kwargs=plain_unet_kwargs,
-            ),
+        unet_family_backbone(
+            "unet",
+            PlainUNetParams,
+            "U-Net (2D/3D): two convolutions per level, max-pooling, nearest upsampling, skip concatenation",
+            lambda p: {"halve_second_conv": p.halve_second_conv},
         )
     ]

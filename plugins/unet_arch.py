@@ -1,19 +1,35 @@
-"""A plain 2D/3D U-Net (Ronneberger et al. 2015, as configured in DenoiSeg).
+"""The U-Net family in 2D/3D: the plain U-Net (Ronneberger et al. 2015, as configured in
+DenoiSeg), its residual variant (He et al. 2016) and the N2V2 U-Net (Höck et al. 2022), as
+options of one :class:`UNet`.
 
-This file is self-contained on purpose: it imports only ``torch``, ``typing`` and
-``math``, because the bioimage.io export ships it verbatim as the architecture source
-of ``pytorch_state_dict`` weights. It uses only plain operations (convolution, batch
-norm, ReLU, max-pooling, nearest-neighbour upsampling by a fixed factor of 2,
-concatenation) so that it can be scripted with TorchScript, exported to ONNX opset 17,
-and run by old libtorch builds (1.13, deepImageJ).
+* ``block``: ``"plain"`` (two convolutions, each with batch norm and ReLU) or
+  ``"residual"`` (``relu(conv-bn-relu-conv-bn(x) + shortcut(x))``, the shortcut a 1x1
+  convolution where the channel count changes);
+* ``pooling``: ``"max"`` (2x max-pooling) or ``"max_blur"`` (N2V2's anti-aliased
+  "max-blur-pool", Zhang 2019: a 2-wide max-pool with stride 1, then a fixed binomial
+  ``[1, 2, 1] / 4`` blur per axis with stride 2, written as a depth-wise convolution);
+* ``top_skip``: the skip connection of the top (full-resolution) level; N2V2 drops it
+  because it hands the blind-spot-free input straight to the output (checkerboard artefacts);
+* ``halve_second_conv``: the shape of the original CSBDeep U-Net (plain blocks only).
+
+This file is self-contained on purpose: it imports only ``torch`` and ``typing``, because
+the bioimage.io export ships it verbatim as the architecture source of
+``pytorch_state_dict`` weights. It uses only plain operations (convolution, batch norm,
+ReLU, max-pooling, slicing, concatenation) so that it can be scripted with TorchScript,
+exported to ONNX opset 17, and run by old libtorch builds (1.13, deepImageJ).
 """
 
 from typing import List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "unet_halo"]
+__all__ = ["BLOCKS", "POOLINGS", "MaxBlurPool", "UNet", "unet_halo"]
+
+#: the ``block`` and ``pooling`` options of :class:`UNet`
+BLOCKS = ("plain", "residual")
+POOLINGS = ("max", "max_blur")
 
 
 def _conv(ndim: int, in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
@@ -21,22 +37,47 @@ def _conv(ndim: int, in_channels: int, out_channels: int, kernel_size: int) -> n
     return conv_cls(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
 
+def _batch_norm(ndim: int, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if ndim == 2 else nn.BatchNorm3d(channels)
+
+
+def _conv_layers(
+    ndim: int, in_channels: int, widths: List[int], kernel_size: int, batch_norm: bool, last_relu: bool
+) -> List[nn.Module]:
+    """One convolution per entry of ``widths``, each followed by (batch norm and) ReLU; the
+    last one without ReLU unless ``last_relu``."""
+    layers: List[nn.Module] = []
+    channels = in_channels
+    for index, width in enumerate(widths):
+        layers.append(_conv(ndim, channels, width, kernel_size))
+        if batch_norm:
+            layers.append(_batch_norm(ndim, width))
+        if last_relu or index < len(widths) - 1:
+            layers.append(nn.ReLU(inplace=True))
+        channels = width
+    return layers
+
+
 class _ConvBlock(nn.Sequential):
     """Two ``kernel_size`` convolutions, each followed by (batch norm and) ReLU; the second
-    one has ``second_channels`` outputs (default: ``out_channels``)."""
+    one has ``second_channels`` outputs."""
 
-    def __init__(
-        self, ndim: int, in_channels: int, out_channels: int, kernel_size: int, batch_norm: bool, second_channels: int = 0
-    ):
-        layers: List[nn.Module] = []
-        channels = in_channels
-        for width in (out_channels, second_channels or out_channels):
-            layers.append(_conv(ndim, channels, width, kernel_size))
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(width) if ndim == 2 else nn.BatchNorm3d(width))
-            layers.append(nn.ReLU(inplace=True))
-            channels = width
-        super().__init__(*layers)
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, kernel_size: int, batch_norm: bool, second_channels: int):
+        super().__init__(*_conv_layers(ndim, in_channels, [out_channels, second_channels], kernel_size, batch_norm, True))
+
+
+class _ResidualBlock(nn.Module):
+    """``relu(conv-bn-relu-conv-bn(x) + shortcut(x))``; the shortcut is a 1x1 convolution
+    when the channel count changes, the identity otherwise."""
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, kernel_size: int, batch_norm: bool):
+        super().__init__()
+        self.body = nn.Sequential(*_conv_layers(ndim, in_channels, [out_channels, out_channels], kernel_size, batch_norm, False))
+        self.shortcut: nn.Module = nn.Identity() if in_channels == out_channels else _conv(ndim, in_channels, out_channels, 1)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.body(x) + self.shortcut(x))
 
 
 class _NearestUpsample2x(nn.Module):
@@ -59,14 +100,57 @@ class _NearestUpsample2x(nn.Module):
         return x.reshape(unsqueezed).expand(expanded).reshape(upsampled)
 
 
+def _replicate_edges(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Replicate-pad every spatial axis by ``before`` and ``after`` (0 or 1) edge pixels.
+
+    ``F.pad(mode="replicate")`` scripts to ``aten::pad``, which libtorch before 1.13 (older
+    deepImageJ engines) does not have; slicing and concatenation load everywhere.
+    """
+    for axis in range(2, x.dim()):
+        parts: List[torch.Tensor] = []
+        if before > 0:
+            parts.append(x.narrow(axis, 0, 1))
+        parts.append(x)
+        if after > 0:
+            parts.append(x.narrow(axis, x.size(axis) - 1, 1))
+        x = torch.cat(parts, dim=axis)
+    return x
+
+
+class MaxBlurPool(nn.Module):
+    """Anti-aliased 2x down-sampling: max-pool (2 wide, stride 1), then a stride-2 binomial blur.
+
+    Sizes are halved exactly (the max-pool and the blur pad by replicating the edge).
+    The blur kernel is a fixed, non-persistent buffer, so it is not in the state dict.
+    """
+
+    def __init__(self, ndim: int, channels: int):
+        super().__init__()
+        self.ndim = ndim
+        self.channels = channels
+        taps = torch.tensor([1.0, 2.0, 1.0]) / 4.0
+        kernel = taps
+        for _ in range(ndim - 1):
+            kernel = kernel[..., None] * taps
+        self.register_buffer("kernel", kernel.expand(channels, 1, *kernel.shape).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ndim == 2:
+            x = F.max_pool2d(_replicate_edges(x, 0, 1), kernel_size=2, stride=1)
+            return F.conv2d(_replicate_edges(x, 1, 1), self.kernel, stride=2, groups=self.channels)
+        x = F.max_pool3d(_replicate_edges(x, 0, 1), kernel_size=2, stride=1)
+        return F.conv3d(_replicate_edges(x, 1, 1), self.kernel, stride=2, groups=self.channels)
+
+
 class UNet(nn.Module):
     """U-Net mapping ``(N, in_channels, *spatial)`` to ``(N, out_channels, *spatial)``.
 
     Every spatial size must be a multiple of ``2**depth``. Level ``i`` (0 = full
     resolution) has ``first_filters * 2**i`` channels; the bottleneck has
     ``first_filters * 2**depth``. Decoder levels upsample (nearest, factor 2),
-    concatenate the encoder features of the same level and apply two convolutions.
-    A final 1x1 convolution produces ``out_channels`` (no activation).
+    concatenate the encoder features of the same level (the top level only with
+    ``top_skip``) and apply a block. A final 1x1 convolution produces ``out_channels``
+    (no activation). ``block``, ``pooling`` and ``top_skip``: see the module docstring.
 
     ``halve_second_conv``: the shape of the original CSBDeep U-Net that DenoiSeg used: the
     second convolution of the bottleneck and of each decoder level below the top has the
@@ -84,6 +168,9 @@ class UNet(nn.Module):
         kernel_size: int = 3,
         batch_norm: bool = True,
         halve_second_conv: bool = False,
+        block: str = "plain",
+        pooling: str = "max",
+        top_skip: bool = True,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -92,56 +179,76 @@ class UNet(nn.Module):
             raise ValueError(f"UNet depth must be >= 1, got {depth}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"UNet kernel_size must be odd, got {kernel_size}")
+        if block not in BLOCKS:
+            raise ValueError(f"UNet block must be one of {BLOCKS}, got {block!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"UNet pooling must be one of {POOLINGS}, got {pooling!r}")
+        if halve_second_conv and block != "plain":
+            raise ValueError("UNet halve_second_conv needs plain blocks (a residual block keeps its width)")
         self.ndim = ndim
         self.depth = depth
+        self.top_skip = top_skip
+
+        def make_block(in_ch: int, out_ch: int, second_ch: int) -> nn.Module:
+            if block == "residual":
+                return _ResidualBlock(ndim, in_ch, out_ch, kernel_size, batch_norm)
+            return _ConvBlock(ndim, in_ch, out_ch, kernel_size, batch_norm, second_ch)
 
         filters = [first_filters * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList()
+        # pooling modules hold no weights (the blur kernel is not persistent): the state
+        # dict has the same keys for every pooling
+        self.pools = nn.ModuleList()
         channels = in_channels
         for level in range(depth):
-            self.encoders.append(_ConvBlock(ndim, channels, filters[level], kernel_size, batch_norm))
+            self.encoders.append(make_block(channels, filters[level], filters[level]))
+            pool = MaxBlurPool(ndim, filters[level]) if pooling == "max_blur" else (nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2))
+            self.pools.append(pool)
             channels = filters[level]
-        self.pool = nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2)
         up_channels = filters[depth - 1] if halve_second_conv else filters[depth]
-        self.bottleneck = _ConvBlock(ndim, channels, filters[depth], kernel_size, batch_norm, up_channels)
+        self.bottleneck = make_block(channels, filters[depth], up_channels)
         self.upsample = _NearestUpsample2x()
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             second = filters[max(0, level - 1)] if halve_second_conv else filters[level]
-            self.decoders.append(
-                _ConvBlock(ndim, up_channels + filters[level], filters[level], kernel_size, batch_norm, second)
-            )
+            skip_channels = filters[level] if top_skip or level > 0 else 0
+            self.decoders.append(make_block(up_channels + skip_channels, filters[level], second))
             up_channels = second
-        conv_cls = nn.Conv2d if ndim == 2 else nn.Conv3d
-        self.output = conv_cls(up_channels, out_channels, 1)
+        self.output = _conv(ndim, up_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: List[torch.Tensor] = []
-        for encoder in self.encoders:
+        for encoder, pool in zip(self.encoders, self.pools):
             x = encoder(x)
             skips.append(x)
-            x = self.pool(x)
+            x = pool(x)
         x = self.bottleneck(x)
         level = len(skips) - 1
         for decoder in self.decoders:
             x = self.upsample(x)
-            x = decoder(torch.cat([x, skips[level]], dim=1))
+            if self.top_skip or level > 0:
+                x = torch.cat([x, skips[level]], dim=1)
+            x = decoder(x)
             level -= 1
         return self.output(x)
 
 
-def unet_halo(depth: int, kernel_size: int) -> int:
+def unet_halo(depth: int, kernel_size: int, pooling: str = "max") -> int:
     """Pixels at a tile's edge whose output can differ from whole-image inference.
 
     This is the one-sided radius of the receptive field: zero padding at a tile edge
     only reaches outputs within that distance. A ``kernel_size`` convolution at level
     ``i`` reaches ``(kernel_size // 2) * 2**i`` full-resolution pixels; there are two per
-    encoder and decoder level and two in the bottleneck. A max-pool from level ``i`` and
-    its matching nearest upsampling together widen the dependence by at most ``2**i``
-    pixels on either side. Valid only if tiles start at multiples of ``2**depth``
-    (otherwise pooling windows do not line up and no halo makes tiles agree).
+    encoder and decoder level and two in the bottleneck (a residual block's 1x1 shortcut
+    reaches no further). A max-pool from level ``i`` and its matching nearest upsampling
+    together widen the dependence by at most ``2**i`` pixels on either side; with
+    ``max_blur`` pooling the 2-wide max-pool and the 3-tap blur each reach one more
+    level-``i`` pixel (``2**i`` full-resolution pixels). Valid only if tiles start at
+    multiples of ``2**depth`` (otherwise pooling windows do not line up and no halo makes
+    tiles agree).
     """
     reach = kernel_size // 2
     convs = reach * (4 * (2**depth - 1) + 2 * 2**depth)
     resampling = 2**depth - 1
-    return convs + resampling
+    blur = 2 * (2**depth - 1) if pooling == "max_blur" else 0
+    return convs + resampling + blur

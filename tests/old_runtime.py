@@ -112,7 +112,7 @@ def check_package_runtimes(package: Path, folder: Path) -> dict[str, np.ndarray]
     import onnx
     import yaml
 
-    from denoiseg_zoo import weights as weight_export
+    from denoiseg_core import exportability
 
     rdf = yaml.safe_load(package_member(package, "rdf.yaml"))
     assert len(rdf["inputs"]) == 1 and len(rdf["outputs"]) == 1
@@ -126,14 +126,14 @@ def check_package_runtimes(package: Path, folder: Path) -> dict[str, np.ndarray]
 
     torchscript = package_member(package, rdf["weights"]["torchscript"]["source"])
     onnx_bytes = package_member(package, rdf["weights"]["onnx"]["source"])
-    current = weight_export.run_torchscript(torchscript, batch)
+    current = exportability.run_torchscript(torchscript, batch)
     old = run_in_old_torch({"package": (torchscript, batch)}, folder)["package"]
     assert_agrees(old, current, f"{package.name}: TorchScript in the old runtime")
-    onnx_output = weight_export.run_onnx(onnx_bytes, batch)
+    onnx_output = exportability.run_onnx(onnx_bytes, batch)
     assert_agrees(onnx_output, current, f"{package.name}: ONNX in onnxruntime")
 
     proto = onnx.load_from_string(onnx_bytes)
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) <= 17
     assert proto.ir_version <= 8 and rdf["weights"]["onnx"]["opset_version"] <= 17
-    assert weight_export.torchscript_file_version(torchscript) <= weight_export.MAX_TORCHSCRIPT_FILE_VERSION
+    assert exportability.torchscript_file_version(torchscript) <= exportability.MAX_TORCHSCRIPT_FILE_VERSION
     return {"torchscript": current, "old_torchscript": old, "onnx": onnx_output}

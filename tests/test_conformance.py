@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
+from denoiseg_core import exportability
 from denoiseg_core.components import (
     ArchitectureSource,
     BackboneSpec,
@@ -22,10 +23,12 @@ from denoiseg_core.components import (
     MaskingSpec,
     NoParams,
 )
+from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.testing import (
     ConformanceError,
     check_architecture_source,
     check_backbone,
+    check_backbone_export,
     check_backbone_halo,
     check_head,
     check_masking,
@@ -83,6 +86,12 @@ def test_parametrize_covers_every_kind_with_name_ids(registry):
     assert "backbone-unet" in mark.kwargs["ids"] and "head-three_class" in mark.kwargs["ids"]
 
 
+#: hooks that are not component registrations, each exercised by its own test: the commands
+#: hook below; the package hooks in test_core_boundaries.py (and `train --init-from MODEL.zip`
+#: in test_reliability_zoo.py)
+HOOKS_WITH_THEIR_OWN_TESTS = {"denoiseg_register_commands", "denoiseg_read_package_weights", "denoiseg_export_package"}
+
+
 def test_every_hook_is_documented_implemented_and_exercised(registry):
     """Meta-test: a new hook must come with docs, an implementation and conformance coverage."""
     import inspect
@@ -103,8 +112,8 @@ def test_every_hook_is_documented_implemented_and_exercised(registry):
         if name in register_hooks:  # component hooks: the parametrised conformance tests above cover them
             assert registry.components(register_hooks[name]), f"{name} registers nothing"
         else:
-            assert name == "denoiseg_register_commands", f"hook {name} has no test; add one"
-    assert set(register_hooks) | {"denoiseg_register_commands"} == set(hooks)
+            assert name in HOOKS_WITH_THEIR_OWN_TESTS, f"hook {name} has no test; add one"
+    assert set(register_hooks) | HOOKS_WITH_THEIR_OWN_TESTS == set(hooks)
     # The commands hook: the zoo command group arrives through it.
     assert "zoo" in {group.name for group in build_app().registered_groups}
 
@@ -175,18 +184,36 @@ def test_unused_parameters_are_caught():
         check_backbone(spec, ndims=[2], torchscript=False, onnx=False, halo=False)
 
 
-def test_unscriptable_backbone_is_caught():
-    class Unscriptable(_Stack):
+def test_backbone_neither_scriptable_nor_traceable_is_caught():
+    class SizeBound(_Stack):
         def __init__(self, *args):
             super().__init__(*args)
-            self.scale = lambda t: t * 2  # TorchScript cannot compile a lambda attribute
+            self.scale = lambda t: t * int(t.shape[-1])  # no scripting of a lambda; a trace bakes in the size
 
         def forward(self, x):
             return self.scale(self.layers(x))
 
-    spec = _backbone(build=lambda p, *, ndim, in_channels, out_channels: Unscriptable(ndim, in_channels, out_channels))
-    with pytest.raises(ConformanceError, match=r"torch.jit.script failed in 2D"):
+    spec = _backbone(build=lambda p, *, ndim, in_channels, out_channels: SizeBound(ndim, in_channels, out_channels))
+    with pytest.raises(ConformanceError, match=r"cannot be exported to TorchScript: scripting failed .* and tracing failed .*computes something else"):
         check_backbone(spec, ndims=[2], onnx=False, halo=False)
+
+
+class _Antialiased(_Stack):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
+        return self.layers(nn.functional.interpolate(half, scale_factor=2.0, mode="nearest"))
+
+
+def test_the_kit_refuses_what_the_exporter_refuses_with_its_words():
+    """One definition of exportability: the kit's verdict is the exporter's."""
+    spec = _backbone(build=lambda p, *, ndim, in_channels, out_channels: _Antialiased(ndim, in_channels, out_channels), size_divisor=lambda p: 2)
+    net = spec.build(_WidthParams(), ndim=2, in_channels=2, out_channels=5).eval()
+    with pytest.raises(DenoiSegError) as by_exporter:
+        exportability.export_torchscript(net, torch.randn(1, 2, 8, 10), "stack", step=2)
+    with pytest.raises(ConformanceError) as by_kit:
+        check_backbone_export(spec, net=net, onnx=False)
+    assert "aten::_upsample_bilinear2d_aa" in str(by_exporter.value)
+    assert str(by_exporter.value) in str(by_kit.value)
 
 
 def test_params_must_forbid_unknown_keys_and_survive_dumping():
@@ -213,7 +240,7 @@ def test_architecture_file_must_be_self_contained(tmp_path):
     source = tmp_path / "arch.py"
     source.write_text("import numpy\nimport torch\nfrom denoiseg_core import components\n")
     spec = _backbone(architecture=ArchitectureSource(file=source, callable_name="Net", kwargs=lambda *a: {}))
-    with pytest.raises(ConformanceError, match=r"not self-contained: it imports \['denoiseg_core', 'numpy'\]"):
+    with pytest.raises(ConformanceError, match=r"arch.py is not self-contained \(it imports denoiseg_core, numpy;"):
         check_architecture_source(spec)
 
 
@@ -228,7 +255,7 @@ def test_architecture_file_must_rebuild_the_same_network(tmp_path):
     spec = _backbone(
         architecture=ArchitectureSource(file=source, callable_name="Net", kwargs=lambda p, nd, i, o: {"channels": i})
     )
-    with pytest.raises(ConformanceError, match="state dict does not fit Net"):
+    with pytest.raises(ConformanceError, match="the weights do not fit Net of its architecture source"):
         check_architecture_source(spec)
 
 

@@ -12,11 +12,9 @@ from pydantic import ValidationError
 from skimage.draw import disk
 
 from denoiseg_plugins.n2v2_masking import N2V2Masking, N2V2Params
-from denoiseg_plugins.n2v2_unet_arch import MaxBlurPool, N2V2UNet
-from denoiseg_plugins.res_unet_arch import ResUNet
 from denoiseg_plugins.struct_n2v_masking import StructN2VMasking, StructN2VParams
 from denoiseg_plugins.two_class_head import TwoClassHead, TwoClassParams
-from denoiseg_plugins.unet_arch import UNet
+from denoiseg_plugins.unet_arch import MaxBlurPool, UNet
 
 # --------------------------------------------------------------------------- n2v2
 
@@ -137,7 +135,7 @@ def test_max_blur_pool_halves_sizes_keeps_constants_and_has_no_state():
 
 
 def test_n2v2_unet_has_no_top_level_skip_connection():
-    n2v2 = N2V2UNet(2, 1, 4, depth=2, first_filters=8)
+    n2v2 = UNet(2, 1, 4, depth=2, first_filters=8, pooling="max_blur", top_skip=False)
     unet = UNet(2, 1, 4, depth=2, first_filters=8)
     assert n2v2.decoders[-1][0].in_channels == 16  # up-sampled features only
     assert unet.decoders[-1][0].in_channels == 16 + 8  # plus the skip
@@ -145,7 +143,7 @@ def test_n2v2_unet_has_no_top_level_skip_connection():
 
 
 def test_res_unet_blocks_are_residual():
-    net = ResUNet(2, 1, 3, depth=1, first_filters=4)
+    net = UNet(2, 1, 3, depth=1, first_filters=4, block="residual")
     block = net.decoders[0]
     assert isinstance(block.shortcut, torch.nn.Conv2d)  # 8 + 4 -> 4 channels
     same = net.bottleneck.__class__(2, 4, 4, 3, True)

@@ -21,16 +21,16 @@ import tifffile
 import torch
 import yaml
 
+from denoiseg_core import exportability
 from denoiseg_core.checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DenoiSegError
+from denoiseg_core.exportability import build_from_source
 from denoiseg_core.metrics import average_precision
 from denoiseg_core.model import build_model
 from denoiseg_core.prediction import predict_image, segment
 from denoiseg_core.synthetic import make_nuclei_image
-from denoiseg_zoo import weights as weight_export
-from denoiseg_zoo.architecture import build_from_source
 from denoiseg_zoo.export import ExportOptions, export_package, geometry_for
 from denoiseg_zoo.importing import checkpoint_state_from_package
 
@@ -175,8 +175,8 @@ def test_onnx_and_torchscript_agree_with_pytorch(exported):
         expected = model.inference_net()(torch.from_numpy(batch)).numpy()
     torchscript = _member(exported["package"], "weights_torchscript.pt")
     onnx = _member(exported["package"], "weights.onnx")
-    np.testing.assert_allclose(weight_export.run_torchscript(torchscript, batch), expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(weight_export.run_onnx(onnx, batch), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(exportability.run_torchscript(torchscript, batch), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(exportability.run_onnx(onnx, batch), expected, rtol=1e-4, atol=1e-5)
     # probabilities come out of the network (softmax inside: deepImageJ has none)
     np.testing.assert_allclose(expected[:, 1:].sum(axis=1), 1.0, atol=1e-5)
 
@@ -185,12 +185,12 @@ def test_weights_suit_old_runtimes(exported):
     import onnx
 
     torchscript = _member(exported["package"], "weights_torchscript.pt")
-    assert weight_export.torchscript_file_version(torchscript) <= weight_export.MAX_TORCHSCRIPT_FILE_VERSION
+    assert exportability.torchscript_file_version(torchscript) <= exportability.MAX_TORCHSCRIPT_FILE_VERSION
     module = torch.jit.load(io.BytesIO(torchscript))
-    assert weight_export.torchscript_op_kinds(module) <= weight_export.LONG_STANDING_TORCHSCRIPT_OPS
+    assert exportability.torchscript_op_kinds(module) <= exportability.LONG_STANDING_TORCHSCRIPT_OPS
     # the serialised code (what an old runtime parses, every branch included) as well
-    assert {o.op for o in weight_export.serialised_torchscript_ops(torchscript)} <= weight_export.LONG_STANDING_TORCHSCRIPT_OPS
-    assert weight_export.old_runtime_problems(module, torchscript) == []
+    assert {o.op for o in exportability.serialised_torchscript_ops(torchscript)} <= exportability.LONG_STANDING_TORCHSCRIPT_OPS
+    assert exportability.old_runtime_problems(module, torchscript) == []
     proto = onnx.load_from_string(_member(exported["package"], "weights.onnx"))
     onnx.checker.check_model(proto)
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) <= 17

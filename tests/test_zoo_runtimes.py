@@ -26,17 +26,17 @@ import torch
 import yaml
 from torch import nn
 
+from denoiseg_core import exportability
 from denoiseg_core.checkpoint import load_checkpoint, save_checkpoint
 from denoiseg_core.cli.demo import DEMO_OVERRIDES
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DenoiSegError
+from denoiseg_core.exportability import build_from_source
 from denoiseg_core.metrics import average_precision
 from denoiseg_core.model import InferenceNet, build_model
 from denoiseg_core.prediction import predict_image, segment
 from denoiseg_core.synthetic import make_nuclei_image
-from denoiseg_zoo import weights as weight_export
-from denoiseg_zoo.architecture import build_from_source
 from denoiseg_zoo.export import ExportOptions, export_package, geometry_for
 
 from old_runtime import assert_agrees, check_package_runtimes, old_torch, package_member, run_in_old_torch  # noqa: F401
@@ -86,8 +86,8 @@ def exported_torchscripts(tmp_path_factory, old_torch):
 
     def add(name: str, net: nn.Module, spatial: tuple[int, ...], step: int) -> None:
         batch = torch.randn(2, 1, *spatial)
-        data, how = weight_export.export_torchscript(net, batch[:1], name, step=step)
-        cases[name] = (data, batch.numpy(), weight_export.run_torchscript(data, batch.numpy()), how)
+        data, how = exportability.export_torchscript(net, batch[:1], name, step=step)
+        cases[name] = (data, batch.numpy(), exportability.run_torchscript(data, batch.numpy()), how)
 
     for backbone, head, ndim in BUILTIN_CASES:
         config = DenoiSegConfig.model_validate(
@@ -114,8 +114,8 @@ def test_torchscript_runs_and_agrees_in_old_pytorch(exported_torchscripts, case,
     assert np.ptp(result["current"]) > 1e-3  # a non-trivial comparison
     # scripted where that serialises only long-standing operators, traced otherwise
     assert result["how"] == ("traced" if case == "upsampling" else "scripted")
-    ops = {found.op for found in weight_export.serialised_torchscript_ops(result["data"])}
-    assert ops <= weight_export.LONG_STANDING_TORCHSCRIPT_OPS
+    ops = {found.op for found in exportability.serialised_torchscript_ops(result["data"])}
+    assert ops <= exportability.LONG_STANDING_TORCHSCRIPT_OPS
 
 
 class _AntialiasedNet(nn.Module):
@@ -139,7 +139,7 @@ class _WithAntialiasedBlock(nn.Module):
 
 def test_export_refuses_operators_old_runtimes_lack_and_names_them():
     with pytest.raises(DenoiSegError) as error:
-        weight_export.export_torchscript(_WithAntialiasedBlock(), torch.randn(1, 1, 16, 16), "antialiased", step=2)
+        exportability.export_torchscript(_WithAntialiasedBlock(), torch.randn(1, 1, 16, 16), "antialiased", step=2)
     message = str(error.value)
     assert "\n" not in message and message.startswith("backbone 'antialiased'")
     # the operator the network executes, where it is called and the module that calls it
@@ -151,21 +151,21 @@ def test_scripted_interpolate_is_reported_with_the_module():
     scripted = torch.jit.script(_UpsamplingNet(1, 4))
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
-    problems = weight_export.old_runtime_problems(scripted, buffer.getvalue())
+    problems = exportability.old_runtime_problems(scripted, buffer.getvalue())
     assert "aten::_upsample_lanczos2d_aa in torch.nn.functional.interpolate (module 'upsample')" in problems
 
 
 def test_onnx_export_refuses_opsets_newer_than_onnx_runtime_1_13():
     net = _UpsamplingNet(1, 4).eval()
     example = torch.randn(1, 1, 16, 16)
-    data = weight_export.export_onnx(net, example, "upsampling")
+    data = exportability.export_onnx(net, example, "upsampling")
     import onnx
 
     proto = onnx.load_from_string(data)
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17] and proto.ir_version <= 8
-    np.testing.assert_allclose(weight_export.run_onnx(data, example.numpy()), net(example).detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(exportability.run_onnx(data, example.numpy()), net(example).detach().numpy(), atol=1e-5)
     with pytest.raises(DenoiSegError, match=r"^upsampling: ONNX opset 18 is newer than 17 \(ONNX Runtime 1.13"):
-        weight_export.export_onnx(net, example, "upsampling", opset=18)
+        exportability.export_onnx(net, example, "upsampling", opset=18)
 
 
 # --------------------------------------------------------------------------- whole packages

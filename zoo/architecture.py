@@ -10,15 +10,13 @@ has exactly the keys of denoiseg's ``DenoiSegNet``.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from denoiseg_core.errors import DenoiSegError
+from denoiseg_core.exportability import check_self_contained
 from denoiseg_core.model import BuiltModel
 
 #: name of the wrapper class appended to the backbone's architecture source
@@ -92,6 +90,7 @@ def architecture_export(built: BuiltModel) -> ArchitectureExport:
     path = Path(arch.file)
     if not path.is_file():
         raise DenoiSegError(f"backbone {spec.name!r}: architecture source file not found", path)
+    check_self_contained(path, spec.name)
     if not arch.callable_name.isidentifier():
         raise DenoiSegError(f"backbone {spec.name!r}: architecture callable {arch.callable_name!r} is not a Python name")
     out_channels = built.in_channels + built.head.num_classes
@@ -112,20 +111,3 @@ def architecture_export(built: BuiltModel) -> ArchitectureExport:
         callable_name=WRAPPER_CALLABLE,
         kwargs={"denoised_channels": built.in_channels, "backbone_kwargs": backbone_kwargs},
     )
-
-
-def build_from_source(path: Path, callable_name: str, kwargs: dict) -> nn.Module:
-    """Import ``callable_name`` from the source file at ``path`` (as a consumer would) and call it."""
-    module_name = f"_denoiseg_exported_architecture_{uuid.uuid4().hex}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise DenoiSegError("cannot import the architecture source", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-        return getattr(module, callable_name)(**kwargs)
-    except Exception as exc:
-        raise DenoiSegError(f"the architecture source does not build the network ({type(exc).__name__}: {exc})", path) from None
-    finally:
-        sys.modules.pop(module_name, None)

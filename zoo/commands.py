@@ -1,4 +1,6 @@
-"""The ``denoiseg zoo`` command group, registered through the plugin hook.
+"""The zoo's plugin: the ``denoiseg zoo`` command group, and the hooks through which the
+core reads packages (``train --init-from MODEL.zip``) and exports them (``denoiseg demo``)
+without importing the zoo.
 
 ``export`` writes a tested bioimage.io package, ``test`` runs bioimageio.core's test on
 any package, ``predict`` runs a package with tiling (and writes instance labels for
@@ -7,6 +9,7 @@ denoiseg packages), ``import`` turns a denoiseg package back into a checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -154,3 +157,17 @@ def build_zoo_app() -> typer.Typer:
 @hookimpl
 def denoiseg_register_commands(app: typer.Typer) -> None:
     app.add_typer(build_zoo_app(), name="zoo")
+
+
+@hookimpl
+def denoiseg_read_package_weights(path: Path) -> dict:
+    from denoiseg_zoo.importing import checkpoint_state_from_package
+
+    return checkpoint_state_from_package(path)
+
+
+@hookimpl
+def denoiseg_export_package(checkpoint: Path, out: Path, samples: list[Path], masks: list[Path], log: Callable[[str], None]) -> Path:
+    from denoiseg_zoo.export import export_package
+
+    return export_package(checkpoint, out, samples=samples, sample_masks=masks, overwrite=True, log=log).path

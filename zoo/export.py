@@ -33,13 +33,12 @@ import numpy as np
 import torch
 import yaml
 
-from denoiseg_core import __version__
+from denoiseg_core import __version__, exportability
 from denoiseg_core.checkpoint import LoadedModel, load_checkpoint
 from denoiseg_core.errors import DataError, DenoiSegError
 from denoiseg_core.io import atomic_path, read_image
 
 from denoiseg_zoo import architecture as arch_export
-from denoiseg_zoo import weights as weight_export
 from denoiseg_zoo.covers import cover_png
 from denoiseg_zoo.archive import summary_reason
 
@@ -334,7 +333,7 @@ def build_description(
         ),
         onnx=OnnxWeightsDescr(
             source=files["onnx"],
-            opset_version=weight_export.ONNX_OPSET,
+            opset_version=exportability.ONNX_OPSET,
             parent="pytorch_state_dict",
             comment="single file, no external data",
         ),
@@ -481,13 +480,16 @@ def export_package(
         example = torch.from_numpy(model.normalization.normalize(test_input, model.ndim))
         log("exporting weights: pytorch_state_dict, torchscript, onnx")
         put("architecture", "denoiseg_architecture.py", arch.source)
-        put("state_dict", "weights.pt", weight_export.state_dict_bytes(built.net))
-        _check_architecture(files["architecture"], arch, built, inference, example)
-        torchscript, how = weight_export.export_torchscript(
+        put("state_dict", "weights.pt", exportability.state_dict_bytes(built.net))
+        exportability.check_architecture_rebuilds(
+            files["architecture"], arch.callable_name, arch.kwargs, built.net.state_dict(), inference, example,
+            built.backbone_spec.name,
+        )
+        torchscript, how = exportability.export_torchscript(
             inference, example, built.backbone_spec.name, step=geometry.step
         )
         put("torchscript", "weights_torchscript.pt", torchscript)
-        put("onnx", "weights.onnx", weight_export.export_onnx(inference, example, built.backbone_spec.name))
+        put("onnx", "weights.onnx", exportability.export_onnx(inference, example, built.backbone_spec.name))
 
         put("training_config", "training_config.yaml", yaml.safe_dump(_clean_json(model.config.model_dump(mode="json")), sort_keys=False))
         if macro_applies(model):
@@ -521,26 +523,6 @@ def export_package(
             if out.exists() and not options.overwrite:  # appeared while exporting
                 raise DenoiSegError("output exists (use --overwrite to replace it)", out)
     return ExportResult(path=out, summary=summary, torchscript_how=how)
-
-
-def _check_architecture(path: Path, arch, built, inference, example: torch.Tensor) -> None:
-    """The shipped architecture must rebuild the trained network exactly (strict keys, same output)."""
-    rebuilt = arch_export.build_from_source(path, arch.callable_name, arch.kwargs)
-    try:
-        rebuilt.load_state_dict(built.net.state_dict(), strict=True)
-    except RuntimeError as exc:
-        raise DenoiSegError(
-            f"backbone {built.backbone_spec.name!r}: its architecture source does not match the trained weights "
-            f"({str(exc).splitlines()[0]})"
-        ) from None
-    rebuilt.eval()
-    with torch.inference_mode():
-        expected, actual = inference(example), rebuilt(example)
-    if expected.shape != actual.shape or not torch.allclose(expected, actual, rtol=1e-4, atol=1e-5):
-        raise DenoiSegError(
-            f"backbone {built.backbone_spec.name!r}: the network rebuilt from its architecture source computes "
-            "something else than the trained network"
-        )
 
 
 def _write_sample_tiffs(tmp: Path, files: dict[str, Path], sample: np.ndarray, output: np.ndarray, model: LoadedModel) -> None:

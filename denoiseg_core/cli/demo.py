@@ -137,15 +137,17 @@ def _predict_and_evaluate(model, folders: dict[str, Path], out: Path) -> dict:
 
 
 def _export(checkpoint: Path, target: Path, folders: dict[str, Path]) -> Path | None:
-    try:
-        from denoiseg_zoo.export import export_package
-    except ImportError:
-        typer.echo("  (bioimage.io export is not available in this installation)")
-        return None
+    """Export through the plugin hook (denoiseg's zoo implements it); None if no plugin exports."""
+    from denoiseg_core.plugin_manager import get_plugin_manager
+
     samples = sorted((folders["test"] / "images").glob("*.tif"))[:1]
     masks = [folders["test"] / "masks" / p.name for p in samples]
-    export_package(checkpoint, target, samples=samples, sample_masks=masks, overwrite=True, log=typer.echo)
-    return target
+    package = get_plugin_manager().hook.denoiseg_export_package(
+        checkpoint=checkpoint, out=target, samples=samples, masks=masks, log=typer.echo
+    )
+    if package is None:
+        typer.echo("  (no installed plugin exports model packages; export skipped)")
+    return package
 
 
 def register(app: typer.Typer) -> None:

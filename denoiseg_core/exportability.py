@@ -1,5 +1,12 @@
-"""Writing the three weight formats of a package and checking they run in old runtimes.
+"""What makes a network exportable as a bioimage.io model, in one place: the exporter
+(``denoiseg zoo export``) writes its weights with these functions, and the conformance kit
+(:func:`denoiseg_core.testing.check_backbone_export`,
+:func:`~denoiseg_core.testing.check_architecture_source`) calls the same ones, so a backbone
+that passes the kit passes the export.
 
+* Architecture source: one Python file importing only torch and the standard library
+  (:func:`check_self_contained`), from which a consumer rebuilds the network
+  (:func:`build_from_source`) and loads its ``pytorch_state_dict`` weights strictly.
 * TorchScript: the plain inference network, scripted (traced where scripting fails or
   serialises operators old runtimes lack). deepImageJ's engines wrap libtorch 1.7.1 to
   2.0 and ilastik's tiktorch similar builds; those read TorchScript archives up to
@@ -12,19 +19,27 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.util
 import io
 import re
+import sys
+import uuid
 import warnings
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from denoiseg_core.errors import DenoiSegError
+
+#: modules an architecture source may import (a bioimage.io consumer has nothing else)
+ARCHITECTURE_IMPORTS = frozenset(sys.stdlib_module_names) | {"torch"}
 
 #: ONNX opset written and the newest accepted: ONNX Runtime 1.13, the newest deepImageJ
 #: (JDLL) runs, implements opset 17.
@@ -327,3 +342,78 @@ def run_onnx(data: bytes, array: np.ndarray) -> np.ndarray:
     session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return session.run(None, {name: np.ascontiguousarray(array, dtype=np.float32)})[0]
+
+
+# --------------------------------------------------------------------------- architecture source
+
+
+def foreign_imports(source: str) -> list[str]:
+    """The top-level modules (or relative imports) that Python ``source`` imports beyond
+    :data:`ARCHITECTURE_IMPORTS`, anywhere in the file."""
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                modules.add("." * node.level + (node.module or ""))
+            elif node.module:
+                modules.add(node.module.split(".")[0])
+    return sorted(modules - ARCHITECTURE_IMPORTS)
+
+
+def check_self_contained(path: Path, backbone_name: str) -> None:
+    """One-line error unless the architecture file at ``path`` imports only torch and the standard library."""
+    foreign = foreign_imports(Path(path).read_text(encoding="utf-8"))
+    if foreign:
+        raise DenoiSegError(
+            f"backbone {backbone_name!r}: architecture file {Path(path).name} is not self-contained "
+            f"(it imports {', '.join(foreign)}; a bioimage.io consumer has only torch and the standard library)"
+        )
+
+
+def build_from_source(path: Path, callable_name: str, kwargs: dict) -> nn.Module:
+    """Import ``callable_name`` from the source file at ``path`` (as a bioimage.io consumer would) and call it."""
+    module_name = f"_denoiseg_architecture_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise DenoiSegError("cannot import the architecture source", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and typing resolve names through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        return getattr(module, callable_name)(**kwargs)
+    except Exception as exc:
+        raise DenoiSegError(f"the architecture source does not build the network ({type(exc).__name__}: {exc})", path) from None
+    finally:
+        sys.modules.pop(module_name, None)
+
+
+def check_architecture_rebuilds(
+    path: Path,
+    callable_name: str,
+    kwargs: dict,
+    state_dict: dict[str, torch.Tensor],
+    reference: nn.Module,
+    example: torch.Tensor,
+    backbone_name: str,
+) -> None:
+    """What a ``pytorch_state_dict`` consumer does must give the trained network: the source at
+    ``path`` rebuilt from ``kwargs`` alone loads ``state_dict`` strictly and computes what
+    ``reference`` (eval mode) computes on ``example``; else a one-line error."""
+    rebuilt = build_from_source(path, callable_name, kwargs)
+    try:
+        rebuilt.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise DenoiSegError(
+            f"backbone {backbone_name!r}: the weights do not fit {callable_name} of its architecture source "
+            f"({str(exc).strip().splitlines()[0]})"
+        ) from None
+    rebuilt.eval()
+    with torch.inference_mode():
+        expected, actual = reference(example), rebuilt(example)
+    if expected.shape != actual.shape or not torch.allclose(expected, actual, rtol=1e-4, atol=1e-5):
+        raise DenoiSegError(
+            f"backbone {backbone_name!r}: the network rebuilt from its architecture source computes "
+            "something else than the trained network"
+        )
