@@ -57,8 +57,8 @@ from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import ImageRecord
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.io import atomic_write_bytes, atomic_write_text, read_image
-from denoiseg_core.metrics import evaluate_segmentation, psnr
-from denoiseg_core.prediction import predict_image, segment
+from denoiseg_core.evaluation import ImagePredictor, Sample, evaluate
+from denoiseg_core.metrics import psnr
 from denoiseg_core.training import BEST_DENOISING
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -434,32 +434,31 @@ def make_config(spec: RunSpec, budget: Budget, run_dir: Path, method: str | None
 
 
 def evaluate_run(checkpoint: Path, data: Prepared, segmentation: bool) -> dict[str, Any]:
-    """Test figures of a checkpoint on the full test images.
+    """Test figures of a checkpoint on the full test images, at the run's precision (see
+    :mod:`denoiseg_core.evaluation`).
 
     ``data.test_inputs`` (when set) is what the network is given instead of the noisy test images
     (Sequential's segmentation stage sees N2V-denoised images); PSNR always compares the network's
     denoised channel with the noise-free image, and 'PSNR input' the noisy image.
     """
     model = load_checkpoint(checkpoint)
-    predictions, denoised = [], []
     inputs = data.test_inputs if data.test_inputs is not None else data.test_images
-    for given in inputs:
-        prediction = predict_image(model, given[np.newaxis], device="auto")
-        if segmentation:
-            predictions.append(segment(model, prediction))
-        denoised.append(prediction.denoised[0])
-    result: dict[str, Any] = {
+    denoised: list[np.ndarray] = []
+    result: dict[str, Any] = {"ap50": None, "map": None, "seg": None, "seg_pooled": None}
+    if segmentation:
+        samples = (Sample(name, given[np.newaxis], labels) for name, given, labels in zip(data.test_ids, inputs, data.test_labels))
+        scores = evaluate(model, samples, device="auto", on_prediction=lambda _, p, __: denoised.append(p.denoised[0]))
+        result = {k: scores[k] for k in result}
+    else:
+        predict = ImagePredictor(model, device="auto")
+        denoised = [predict(given[np.newaxis]).denoised[0] for given in inputs]
+    return {
         **_test_psnr(denoised, data),
         "psnr_noisy_input": _test_psnr(data.test_images, data)["psnr"],
         "threshold": model.threshold,
         "n_test_images": len(data.test_images),
+        **result,
     }
-    if segmentation:
-        scores = evaluate_segmentation(data.test_labels, predictions, names=data.test_ids)
-        result.update(ap50=scores["ap50"], map=scores["map"], seg=scores["seg"], seg_pooled=scores["seg_pooled"])
-    else:
-        result.update(ap50=None, map=None, seg=None, seg_pooled=None)
-    return result
 
 
 def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any]:
@@ -483,7 +482,7 @@ def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any
         n2v_config = make_config(spec, budget, run_dir.with_name(run_dir.name + "_stage1_n2v"), method="n2v")
         log("-- sequential, stage 1: Noise2Void on all training crops")
         n2v = Trainer(n2v_config, progress=False, log=log, records=(train_crops, data.val_crops)).fit()
-        denoiser = load_checkpoint(n2v.best_checkpoint)
+        denoiser = ImagePredictor(load_checkpoint(n2v.best_checkpoint), device="auto")
         train_records = [_denoised_record(denoiser, r) for r in train_records]
         val_records = [_denoised_record(denoiser, r) for r in data.val_crops]
         data = replace(data, test_inputs=[_denoise(denoiser, image) for image in data.test_images])
@@ -526,13 +525,13 @@ def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any
     }
 
 
-def _denoise(model, image: np.ndarray) -> np.ndarray:
+def _denoise(predict: ImagePredictor, image: np.ndarray) -> np.ndarray:
     """The denoised channel of a 2-D image ``(Y, X)``, same shape, raw intensity units."""
-    return predict_image(model, image[np.newaxis], device="auto").denoised[0]
+    return predict(image[np.newaxis]).denoised[0]
 
 
-def _denoised_record(model, record: ImageRecord) -> ImageRecord:
-    return replace(record, image=_denoise(model, record.image[0])[np.newaxis])
+def _denoised_record(predict: ImagePredictor, record: ImageRecord) -> ImageRecord:
+    return replace(record, image=_denoise(predict, record.image[0])[np.newaxis])
 
 
 def _test_psnr(denoised_images: Sequence[np.ndarray], data: Prepared) -> dict[str, float]:

@@ -228,7 +228,8 @@ def measure_big(model: str, precision: str, device_name: str, size: int) -> dict
     import numpy as np
     import torch
 
-    from denoiseg_core.prediction import predict_image, segment
+    from denoiseg_core.evaluation import segment
+    from denoiseg_core.prediction import predict_image
     from denoiseg_core.runtime import resolve_device
 
     device = resolve_device(device_name)

@@ -1,4 +1,4 @@
-"""Inference: tiled prediction of whole images and the glue to instance labels.
+"""Inference: tiled prediction of whole images (instance labels and scores: :mod:`denoiseg_core.evaluation`).
 
 Large images are cut into overlapping tiles whose starts lie on the backbone's size
 divisor (so a U-Net's pooling grid is the same as for the whole image) and which overlap
@@ -23,8 +23,8 @@ from denoiseg_core.errors import ConfigError, DataError
 from denoiseg_core.runtime import autocast, fold_batch_norm, preferred_memory_format, resolve_device
 
 if TYPE_CHECKING:
-    from denoiseg_core.checkpoint import LoadedModel
     from denoiseg_core.data import Normalization
+    from denoiseg_core.evaluation import EvaluatedModel
 
 #: images with at most this many pixels (voxels) are predicted in one piece when no tile is given
 WHOLE_IMAGE_PIXEL_LIMIT = 1024 * 1024
@@ -328,7 +328,7 @@ def choose_tile(
 
 
 def predict_image(
-    model: LoadedModel,
+    model: EvaluatedModel,
     image: np.ndarray,
     *,
     tile: Sequence[int] | str | None = None,
@@ -336,8 +336,9 @@ def predict_image(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     out: np.ndarray | None = None,
+    net: nn.Module | None = None,
 ) -> Prediction:
-    """Denoise and segment one raw ``(C, *spatial)`` image with a loaded model.
+    """Denoise and segment one raw ``(C, *spatial)`` image with a loaded model (or a run's current network).
 
     ``tile``: ``None`` runs small images (up to 1024x1024 pixels) whole and tiles larger
     ones with tiles sized to the device (:func:`device_tile`); ``"auto"`` always tiles so;
@@ -347,7 +348,9 @@ def predict_image(
     has it natively). The image may be any numeric type (e.g. uint16): it is normalised
     tile by tile, so no full-size float copy is made. ``out``: an optional ``(C + K,
     *spatial)`` float32 array (e.g. :func:`tiff_memmap`) receiving denoised channels then
-    probabilities; the returned arrays are views of it.
+    probabilities; the returned arrays are views of it. ``net``: the model's inference network
+    prepared once for many images (e.g. batch norms folded, see
+    :class:`~denoiseg_core.evaluation.ImagePredictor`); default ``model.inference_net()``.
     """
     image = np.asarray(image)
     if image.dtype.kind not in "uifb":
@@ -367,7 +370,7 @@ def predict_image(
     was_training = model.built.net.training
     try:
         output = predict_array(
-            model.inference_net(),  # sets eval mode
+            net if net is not None else model.inference_net(),  # sets eval mode
             image,
             divisor=divisor,
             halo=halo,
@@ -386,10 +389,3 @@ def predict_image(
     denoised *= std  # in place: ``out`` may be a memory-mapped file
     denoised += mean
     return Prediction(denoised=denoised, probabilities=output[model.in_channels :])
-
-
-def segment(model: LoadedModel, prediction: Prediction, threshold: float | None = None) -> np.ndarray:
-    """Instance labels from a prediction, at ``threshold``, else the model's tuned threshold, else 0.5."""
-    if threshold is None:
-        threshold = model.threshold if model.threshold is not None else 0.5
-    return model.head.instances(prediction.probabilities, float(threshold))

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from denoiseg_core.checkpoint import (
-    load_checkpoint,
     load_weights,
     read_checkpoint_state,
     read_package_state,
@@ -49,18 +48,15 @@ from denoiseg_core.data import (
 )
 from denoiseg_core.errors import ConfigError, DenoiSegError
 from denoiseg_core.io import atomic_write_bytes, atomic_write_text
+from denoiseg_core.evaluation import LiveModel, run_precision, scored_records, tune_threshold, validation_ap50
 from denoiseg_core.losses import denoiseg_loss
-from denoiseg_core.metrics import average_precision
-from denoiseg_core.model import BuiltModel, InferenceNet, build_model
+from denoiseg_core.model import BuiltModel, build_model
 from denoiseg_core.plugin_manager import get_registry, plugin_versions
-from denoiseg_core.prediction import choose_tile, predict_array
 from denoiseg_core.runtime import (
     autocast,
     distributed,
-    fold_batch_norm,
     preferred_memory_format,
     resolve_device,
-    resolve_precision,
 )
 from denoiseg_core.safeguards import adopt_newer_best, check_finite_epoch, claim_run_folder, warn_about_training_data
 
@@ -120,7 +116,7 @@ class Trainer:
     ):
         """``records``: ``(train, validation)`` image records built in memory (e.g. by a
         benchmark); when given, ``config.data`` is not read for data (patch size etc. still are)."""
-        self.config = config
+        self.config = config = config.model_copy(deep=True)  # the plugin versions are recorded in it
         self.run_dir = Path(config.run_dir)
         self.registry = get_registry()
         validate_components(config, self.registry)  # fail on unknown names/params before loading any data
@@ -153,7 +149,7 @@ class Trainer:
             self.train_records, self.val_records = list(records[0]), list(records[1])
         first = self.train_records[0]
         self.ndim, self.in_channels = first.ndim, first.image.shape[0]
-        self.precision = resolve_precision(config.training.precision, self.device, training_ndim=self.ndim)
+        self.precision = run_precision(config, self.ndim, self.device)
         self.config.plugins = plugin_versions(
             self.registry,
             [
@@ -500,37 +496,14 @@ class Trainer:
         sums = (sums / len(self._fixed_val_batches)).tolist()
         result = {"val_loss": sums[0], "val_denoise": sums[1], "val_seg": sums[2]}
         limit = self.config.training.validation_images
-        records = scored_validation_records(self.val_records[:limit] if limit else self.val_records)
+        records = scored_records(self.val_records[:limit] if limit else self.val_records)
         if not records:
             return {**result, "val_ap50": math.nan, "val_ap50_tuned": math.nan, "val_threshold": math.nan}
-        # one forward pass, scored at the fixed 0.5 and at candidate thresholds
-        probabilities = self.predict_probabilities(records)
-        # every other candidate (0.1 apart for the built-in heads) keeps this cheap; the final tuning uses all
-        candidates = sorted(set(self.built.head.threshold_candidates[::2]) | {0.5})
-        scores = threshold_scores(self.built.head, records, probabilities, candidates)
-        best = int(np.argmax(scores))
-        result["val_ap50"] = scores[candidates.index(0.5)]
-        result["val_ap50_tuned"], result["val_threshold"] = scores[best], float(candidates[best])
-        return result
+        return {**result, **validation_ap50(self.live_model(), records, device=self.device, precision=self.precision)}
 
-    def predict_probabilities(self, records: list[ImageRecord]) -> list[np.ndarray]:
-        """Segmentation probabilities of whole validation images (tiled), in eval mode."""
-        # folded once here, not once per image inside predict_array (it copies the network)
-        inference = fold_batch_norm(InferenceNet(self.eval_net, self.built.head).eval())
-        out = []
-        for rec in records:
-            result = predict_array(
-                inference,
-                rec.image,
-                normalization=self.normalization,
-                divisor=self.built.size_divisor,
-                halo=self.built.halo,
-                tile=choose_tile(None, rec.spatial_shape, self.built.size_divisor, self.built.halo),
-                device=self.device,
-                precision=self.precision,
-            )
-            out.append(result[self.in_channels :])
-        return out
+    def live_model(self) -> LiveModel:
+        """The network that is validated (the moving average when there is one), as a model to evaluate."""
+        return LiveModel.of(self.config, self.built, self.eval_net, self.normalization)
 
     # ------------------------------------------------------------------ epochs
     def fit(self) -> TrainingRun:
@@ -649,11 +622,13 @@ class Trainer:
             self._save("best.pt")
         best_state = read_checkpoint_state(best_path)
         threshold, validation = None, {}
-        if self.config.training.threshold_tuning and scored_validation_records(self.val_records):
+        if self.config.training.threshold_tuning and scored_records(self.val_records):
             # Tune with the best weights, then restore the last ones (both checkpoints get the threshold).
             last_weights = {k: v.clone() for k, v in self.eval_net.state_dict().items()}
             self.eval_net.load_state_dict(best_state["model_state"])
-            threshold, validation = self.tune_threshold()
+            threshold, validation = tune_threshold(
+                self.live_model(), scored_records(self.val_records), device=self.device, precision=self.precision
+            )
             self.log(f"foreground threshold tuned on {validation['n_images']} validation images: {threshold:.2f} (AP@0.5 {validation['ap50']:.3f})")
             self._save(
                 "best.pt",
@@ -664,20 +639,6 @@ class Trainer:
             self.eval_net.load_state_dict(last_weights)
         self._save("last.pt", threshold=threshold, extra={"validation": validation})
         return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, threshold, validation)
-
-    def tune_threshold(self) -> tuple[float, dict[str, Any]]:
-        """The foreground threshold maximising mean validation AP@0.5 over the head's candidates."""
-        records = scored_validation_records(self.val_records)
-        probabilities = self.predict_probabilities(records)
-        candidates = tuple(self.built.head.threshold_candidates)
-        scores = threshold_scores(self.built.head, records, probabilities, candidates)
-        best = int(np.argmax(scores))
-        return float(candidates[best]), {
-            "ap50": scores[best],
-            "n_images": len(records),
-            "thresholds": list(map(float, candidates)),
-            "ap50_per_threshold": scores,
-        }
 
     def _write_log(self) -> None:
         buffer = _io.StringIO()
@@ -690,23 +651,6 @@ class Trainer:
             atomic_write_bytes(self.run_dir / "training_curves.png", plot_history(self.history))
         except Exception as exc:  # a plotting problem must never kill a training run
             self.log(f"warning: could not draw training curves ({exc})")
-
-
-def scored_validation_records(records: list[ImageRecord]) -> list[ImageRecord]:
-    """The validation images that AP is computed on: labelled ones with at least one object.
-
-    An image without objects scores AP 1 or 0 (any false positive), which rewards high
-    thresholds out of all proportion; the test images of a nuclei data set all hold nuclei.
-    """
-    return [r for r in records if r.labels is not None and np.any(r.labels)]
-
-
-def threshold_scores(head, records: list[ImageRecord], probabilities: list[np.ndarray], thresholds) -> list[float]:
-    """Mean AP@0.5 over ``records`` at each foreground threshold."""
-    return [
-        float(np.mean([average_precision(r.labels, head.instances(p, float(t))) for r, p in zip(records, probabilities)]))
-        for t in thresholds
-    ]
 
 
 def plot_history(history: list[dict[str, float]]) -> bytes:
@@ -808,4 +752,4 @@ def resume_config(run_dir: Path) -> DenoiSegConfig:
     return config
 
 
-__all__ = ["Trainer", "TrainingRun", "load_checkpoint", "resolve_device", "resolve_precision", "resume_config", "train"]
+__all__ = ["Trainer", "TrainingRun", "resume_config", "train"]

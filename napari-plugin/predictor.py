@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from denoiseg_core.errors import DataError, DenoiSegError
+from denoiseg_core.evaluation import instance_labels, segmentation_threshold
 from denoiseg_core.prediction import choose_tile, predict_array, tile_plan
 from denoiseg_core.runtime import resolve_device
 
@@ -69,7 +70,7 @@ class RunPredictor:
             raise DenoiSegError("no best.pt in the run folder (has an epoch finished?)", source)
         self.model = load_checkpoint(checkpoint)
         self.ndim = self.model.ndim
-        self.threshold = self.model.threshold if self.model.threshold is not None else 0.5
+        self.threshold = segmentation_threshold(self.model)
         if self.model.in_channels != 1:
             raise DenoiSegError(f"the model expects {self.model.in_channels} channels; the viewer widget predicts single-channel layers", source)
 
@@ -96,7 +97,7 @@ class RunPredictor:
         return model.normalization.denormalize(output[:1])[0], output[1:]
 
     def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
-        return self.model.head.instances(probabilities, float(threshold))
+        return instance_labels(self.model.head, probabilities, threshold)
 
 
 class PackagePredictor:
@@ -131,7 +132,7 @@ class PackagePredictor:
 
     def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
         assert self.head is not None
-        return self.head.instances(probabilities, float(threshold))
+        return instance_labels(self.head, probabilities, threshold)
 
     def close(self) -> None:
         self.pipeline.unload()

@@ -21,7 +21,8 @@ from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DataError
 from denoiseg_core.metrics import evaluate_segmentation
 from denoiseg_core.model import build_model
-from denoiseg_core.prediction import predict_image, segment
+from denoiseg_core.evaluation import run_precision, segment
+from denoiseg_core.prediction import predict_image
 
 SHAPE_2D = (40, 52)
 
@@ -248,12 +249,14 @@ def test_evaluate_writes_json_with_metrics(workspace, tmp_path):
     assert {"ap50", "map", "seg", "per_image", "psnr", "psnr_input", "threshold"} <= set(data)
     assert data["threshold"] == 0.3 and data["n_images"] == 2
     assert [row["name"] for row in data["per_image"]] == ["img0.tif", "img1.tif"]
-    # same numbers as scoring the predictions directly
+    # same numbers as scoring the predictions directly, at the run's precision (as threshold tuning does)
     model = load_checkpoint(workspace["checkpoint"])
+    precision = run_precision(model.config, model.ndim, torch.device("cpu"))
+    assert data["precision"] == precision
     gts, preds = [], []
     for name in ("img0.tif", "img1.tif"):
-        prediction = predict_image(model, tifffile.imread(workspace["images"] / name).astype(np.float32)[None])
-        preds.append(segment(model, prediction, 0.3))
+        image = tifffile.imread(workspace["images"] / name).astype(np.float32)[None]
+        preds.append(segment(model, predict_image(model, image, precision=precision), 0.3))
         gts.append(tifffile.imread(workspace["masks"] / name).astype(np.int32))
     expected = evaluate_segmentation(gts, preds)
     assert data["ap50"] == pytest.approx(expected["ap50"])

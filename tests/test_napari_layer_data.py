@@ -102,7 +102,8 @@ def test_axes_and_patch_size_parsing():
 
 def test_tiled_layer_prediction_reports_progress_and_equals_denoiseg_predict(tmp_path, capsys):
     from denoiseg_core.checkpoint import load_checkpoint
-    from denoiseg_core.prediction import predict_image, segment
+    from denoiseg_core.evaluation import segment
+    from denoiseg_core.prediction import predict_image
     from denoiseg_napari.predictor import RunPredictor, predict_layer, relabel
     from denoiseg_napari.sample_data import noisy_nuclei_stack
     from denoiseg_napari.training_run import TrainingCallbacks, TrainingRequest, run_training

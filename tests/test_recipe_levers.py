@@ -15,7 +15,8 @@ from denoiseg_core.checkpoint import read_checkpoint_state
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.errors import ConfigError
 from denoiseg_core.synthetic import write_synthetic_dataset
-from denoiseg_core.training import BEST_DENOISING, Trainer, scored_validation_records, train
+from denoiseg_core.evaluation import scored_records
+from denoiseg_core.training import BEST_DENOISING, Trainer, train
 from denoiseg_plugins.mean_teacher import MeanTeacherConsistency, MeanTeacherParams, sigmoid_ramp
 
 
@@ -129,4 +130,4 @@ def test_validation_ignores_images_without_objects(dataset):
     empty = ImageRecord(image=image, labels=np.zeros((8, 8), np.int32), path=Path("empty"))
     full = ImageRecord(image=image, labels=np.eye(8, dtype=np.int32), path=Path("full"))
     unlabelled = ImageRecord(image=image, labels=None, path=Path("none"))
-    assert [r.name for r in scored_validation_records([empty, full, unlabelled])] == [full.name]
+    assert [r.name for r in scored_records([empty, full, unlabelled])] == [full.name]

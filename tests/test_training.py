@@ -11,7 +11,9 @@ import torch
 
 from denoiseg_core.checkpoint import load_checkpoint, read_checkpoint_state
 from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.data import load_folder
 from denoiseg_core.errors import ConfigError, DenoiSegError
+from denoiseg_core.evaluation import Sample, evaluate, scored_records
 from denoiseg_core.synthetic import write_synthetic_dataset
 from denoiseg_core.training import Trainer, train
 
@@ -40,7 +42,9 @@ def _config(tiny_config: DenoiSegConfig, data: dict[str, Path], run_dir: Path, *
 
 def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, tmp_path):
     config = _config(tiny_config, dataset_2d, tmp_path / "run")
+    given = config.model_dump(mode="json")
     run = train(config, progress=False, log=lambda _: None)
+    assert config.model_dump(mode="json") == given  # the caller's config is left as it was
 
     for name in ("best.pt", "last.pt", "config.yaml", "log.csv", "training_curves.png"):
         assert (run.run_dir / name).is_file(), name
@@ -59,6 +63,13 @@ def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, 
     assert model.config.model.backbone.params == {"depth": 2, "first_filters": 8}
     assert model.versions["plugins"].get("denoiseg")
     assert model.ndim == 2 and model.in_channels == 1
+
+    # One evaluation path at one precision: scoring best.pt on the validation images at its
+    # tuned threshold reproduces the validation AP the threshold was chosen by.
+    records = scored_records(load_folder(dataset_2d["val"], require_masks=True))
+    scores = evaluate(model, [Sample(r.path.name, r.image, r.labels) for r in records])
+    assert scores["threshold"] == run.threshold
+    assert scores["ap50"] == run.validation["ap50"]
 
 
 def test_3d_training_smoke(tiny_config, dataset_3d, tmp_path):

@@ -35,7 +35,8 @@ from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.exportability import build_from_source
 from denoiseg_core.metrics import average_precision
 from denoiseg_core.model import InferenceNet, build_model
-from denoiseg_core.prediction import predict_image, segment
+from denoiseg_core.evaluation import segment
+from denoiseg_core.prediction import predict_image
 from denoiseg_core.synthetic import make_nuclei_image
 from denoiseg_zoo.export import ExportOptions, export_package, geometry_for
 

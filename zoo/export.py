@@ -407,7 +407,8 @@ def export_package(
     from bioimageio.spec import save_bioimageio_package
     from pydantic import ValidationError
 
-    from denoiseg_core.prediction import predict_image, segment
+    from denoiseg_core.evaluation import segment, segmentation_threshold
+    from denoiseg_core.prediction import predict_image
 
     out = Path(out)
     if out.suffix.lower() != ".zip":
@@ -422,7 +423,7 @@ def export_package(
     geometry = geometry_for(model)
     arch = arch_export.architecture_export(built)
     head_params = built.head_spec.params.model_validate(model.config.model.head.params).model_dump(mode="json")
-    threshold = float(model.threshold) if model.threshold is not None else 0.5
+    threshold = segmentation_threshold(model)
     label = Path(checkpoint).name if Path(checkpoint).is_dir() else Path(checkpoint).stem
     label = re.sub(r"[^A-Za-z0-9_+\- ()]", "-", label)[:80]
     name = _check_name(options.name or f"DenoiSeg {label} {model.ndim}D")

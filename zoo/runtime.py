@@ -262,13 +262,14 @@ def create_pipeline(descr: Any, trust_code: bool = False, path: Path | None = No
 
 def denoiseg_instances(section: dict, output: np.ndarray) -> np.ndarray:
     """Instance labels from a denoiseg package's output (C, *spatial) with its head and threshold."""
+    from denoiseg_core.evaluation import instance_labels
     from denoiseg_core.plugin_manager import get_registry
 
     head_info = section["head"]
     spec = get_registry().spec("head", head_info["name"])
     head = spec.build(spec.params.model_validate(head_info.get("params") or {}))
     probabilities = output[section["output_channels"]["probabilities"]]
-    return head.instances(probabilities, float(section["threshold"]))
+    return instance_labels(head, probabilities, section["threshold"])
 
 
 def output_paths(descr: Any, inputs: Sequence[Path], out_dir: Path) -> list[tuple[Path, list[tuple[str, Path]]]]:

@@ -47,6 +47,7 @@ def demo_command(
 
     from denoiseg_core.checkpoint import load_checkpoint
     from denoiseg_core.config import load_config
+    from denoiseg_core.evaluation import results_json
     from denoiseg_core.io import atomic_write_text
     from denoiseg_core.synthetic import write_synthetic_dataset
     from denoiseg_core.training import train
@@ -83,7 +84,7 @@ def demo_command(
     typer.echo("[3/5] predicting the test images")
     model = load_checkpoint(result.best_checkpoint)
     evaluation = _predict_and_evaluate(model, folders, out / "predictions")
-    atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
+    atomic_write_text(out / "evaluation.json", results_json(evaluation))
 
     from denoiseg_core.metrics import format_table
 
@@ -109,31 +110,25 @@ def demo_command(
 
 
 def _predict_and_evaluate(model, folders: dict[str, Path], out: Path) -> dict:
+    """Scores on the test images (PSNR against their clean versions), writing each one's denoised image and labels."""
     import numpy as np
 
     from denoiseg_core.data import load_folder
+    from denoiseg_core.evaluation import Sample, evaluate
     from denoiseg_core.io import read_image, write_tiff
-    from denoiseg_core.metrics import evaluate_segmentation, psnr
-    from denoiseg_core.prediction import predict_image, segment
 
-    records = load_folder(folders["test"], require_masks=True)
-    gts, preds, psnrs = [], [], []
-    for rec in records:
-        prediction = predict_image(model, rec.image)
-        labels = segment(model, prediction)
-        stem = rec.path.stem
+    def samples():
+        for record in load_folder(folders["test"], require_masks=True):
+            clean_path = folders["test"] / "clean" / record.path.name
+            clean = read_image(clean_path).astype(np.float32)[np.newaxis] if clean_path.exists() else None
+            yield Sample(record.path.name, record.image, record.labels, clean)
+
+    def write(sample: Sample, prediction, labels: np.ndarray) -> None:
+        stem = Path(sample.name).stem
         write_tiff(out / f"{stem}_denoised.tif", prediction.denoised[0].astype(np.float32), overwrite=True)
         write_tiff(out / f"{stem}_labels.tif", labels.astype(np.uint16), overwrite=True)
-        gts.append(rec.labels)
-        preds.append(labels)
-        clean_path = folders["test"] / "clean" / rec.path.name
-        if clean_path.exists():
-            clean = read_image(clean_path).astype(np.float32)
-            psnrs.append(psnr(clean, prediction.denoised[0]))
-    results = evaluate_segmentation(gts, preds)
-    if psnrs:
-        results["psnr"] = float(np.mean(psnrs))
-    return results
+
+    return evaluate(model, samples(), on_prediction=write)
 
 
 def _export(checkpoint: Path, target: Path, folders: dict[str, Path]) -> Path | None:

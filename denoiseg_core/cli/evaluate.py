@@ -3,15 +3,13 @@ PSNR of a checkpoint on images with ground truth."""
 
 from __future__ import annotations
 
-import json
-import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import numpy as np
 import typer
 
-from denoiseg_core.cli.predict import (
+from denoiseg_core.cli.inputs import (
     TrustCheckpointOption,
     collect_inputs,
     load_model,
@@ -40,17 +38,6 @@ def find_partner(image: Path, folder: Path, what: str) -> Path:
     raise DataError(f"no {what} with the same name in {folder}", image)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become null so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _check_folder(folder: Path, option: str) -> None:
     if not folder.exists():
         raise DataError(f"{option} folder not found", folder)
@@ -74,21 +61,29 @@ def evaluate_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="tiles per forward pass")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="fp32, bf16 or auto (bf16 autocast where the device has fast bf16); default: the run's "
+            "training precision, at which its threshold was tuned"
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --json file")] = False,
     trust_checkpoint: TrustCheckpointOption = False,
 ) -> None:
     """Predict every image in --images and score it against the mask of the same name."""
     from denoiseg_core.data import to_channel_first, validate_mask
+    from denoiseg_core.evaluation import Sample, evaluate, results_json
     from denoiseg_core.io import atomic_write_text, check_outputs, read_image
-    from denoiseg_core.metrics import evaluate_segmentation, format_table, psnr
-    from denoiseg_core.prediction import predict_image, segment
-    from denoiseg_core.runtime import resolve_device
+    from denoiseg_core.metrics import format_table
+    from denoiseg_core.runtime import resolve_device, resolve_precision
 
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")
     model = load_model(checkpoint, trust_checkpoint)
     tile_size = parse_tile(tile, model.ndim)
     target = resolve_device(device)
+    chosen_precision = resolve_precision(precision, target) if precision is not None else None
     _check_folder(images, "--images")
     _check_folder(masks, "--masks")
     if clean is not None:
@@ -107,17 +102,13 @@ def evaluate_command(
         )
     for file in files:
         precheck_input(file, model)
-    used_threshold = threshold if threshold is not None else (model.threshold if model.threshold is not None else 0.5)
 
-    gts, preds, psnr_denoised, psnr_input = [], [], [], []
-    with progress_bar(stderr_console()) as progress:
-        task = progress.add_task("evaluating", total=len(files), current="")
+    def samples(progress, task) -> Iterator[Sample]:
         for index, file in enumerate(files):
             progress.update(task, current=file.name)
             image = read_model_input(file, model)
-            gts.append(validate_mask(read_image(mask_files[index]), image.shape[1:], mask_files[index]))
-            prediction = predict_image(model, image, tile=tile_size, batch_size=batch_size, device=target)
-            preds.append(segment(model, prediction, used_threshold))
+            mask = validate_mask(read_image(mask_files[index]), image.shape[1:], mask_files[index])
+            reference = None
             if clean_files is not None:
                 clean_path = clean_files[index]
                 reference = to_channel_first(read_image(clean_path), model_axes(model), clean_path)
@@ -127,25 +118,28 @@ def evaluate_command(
                     )
                 if float(reference.max() - reference.min()) <= 0:
                     raise DataError("clean image is constant; PSNR is undefined", clean_path)
-                psnr_denoised.append(psnr(reference, prediction.denoised))
-                psnr_input.append(psnr(reference, image))
-            progress.advance(task)
+            yield Sample(file.name, image, mask, reference)
 
-    results = evaluate_segmentation(gts, preds, names=[f.name for f in files])
-    results["threshold"] = float(used_threshold)
+    with progress_bar(stderr_console()) as progress:
+        task = progress.add_task("evaluating", total=len(files), current="")
+        results = evaluate(
+            model,
+            samples(progress, task),
+            threshold=threshold,
+            tile=tile_size,
+            batch_size=batch_size,
+            device=target,
+            precision=chosen_precision,
+            on_prediction=lambda *_: progress.advance(task),
+        )
     results["checkpoint"] = str(model.path)
-    if clean_files is not None:
-        for row, denoised_db, input_db in zip(results["per_image"], psnr_denoised, psnr_input):
-            row["psnr"], row["psnr_input"] = denoised_db, input_db
-        results["psnr"] = float(np.mean(psnr_denoised))
-        results["psnr_input"] = float(np.mean(psnr_input))
 
     typer.echo(format_table(results))
-    typer.echo(f"threshold: {used_threshold:.3f}")
+    typer.echo(f"threshold: {results['threshold']:.3f}, precision: {results['precision']}")
     if clean_files is not None:
         typer.echo(f"PSNR: denoised {results['psnr']:.2f} dB (noisy input {results['psnr_input']:.2f} dB)")
     if json_path is not None:
-        atomic_write_text(json_path, json.dumps(_json_safe(results), indent=2) + "\n")
+        atomic_write_text(json_path, results_json(results))
         typer.echo(f"metrics written to {json_path}")
 
 

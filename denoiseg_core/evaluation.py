@@ -1,0 +1,272 @@
+"""Scoring a model on images with ground truth: the one path used by the validation after
+every epoch, the threshold tuning at the end of training, ``denoiseg evaluate``,
+``denoiseg demo`` and the benchmarks.
+
+Each image is predicted as ``denoiseg predict`` does (whole, or in tiles when large, see
+:func:`~denoiseg_core.prediction.predict_image`), turned into instances by the segmentation
+head at a foreground threshold, and scored with :mod:`denoiseg_core.metrics`: AP@0.5,
+mAP@[0.5:0.95], SEG per image (the DenoiSeg paper's), SEG pooled over all objects, and PSNR
+when noise-free images are given.
+
+Precision: a model is predicted, tuned and scored at its run's precision, ``training.precision``
+resolved for the device the way the trainer resolves it (:func:`run_precision`; ``auto``: bf16
+autocast where the device has native bf16, else float32). So the threshold tuned at the end of
+training is scored at the precision it was tuned at, and evaluating a checkpoint on its
+validation images reproduces the validation AP it was chosen by. ``denoiseg evaluate
+--precision`` overrides it.
+
+Everything that depends on the segmentation head is in four functions: the threshold used when
+none is asked for (:func:`segmentation_threshold`: the tuned one, else 0.5), the head's
+instances at a threshold (:func:`instance_labels`), and the thresholds tried after each epoch
+(:func:`validation_ap50`) and at the end of training (:func:`tune_threshold`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from denoiseg_core.metrics import average_precision, evaluate_segmentation, psnr
+from denoiseg_core.model import BuiltModel, InferenceNet
+from denoiseg_core.prediction import Prediction, predict_image
+from denoiseg_core.runtime import fold_batch_norm, resolve_device, resolve_precision
+
+if TYPE_CHECKING:
+    from denoiseg_core.config import DenoiSegConfig
+    from denoiseg_core.data import ImageRecord, Normalization
+
+#: the foreground threshold of a model that was never tuned
+DEFAULT_THRESHOLD = 0.5
+
+
+class EvaluatedModel(Protocol):
+    """What evaluation needs of a model: a loaded checkpoint
+    (:class:`~denoiseg_core.checkpoint.LoadedModel`) or a run's current network (:class:`LiveModel`)."""
+
+    config: DenoiSegConfig
+    built: BuiltModel
+    normalization: Normalization
+    threshold: float | None
+    ndim: int
+    in_channels: int
+
+    def inference_net(self) -> InferenceNet: ...
+
+
+@dataclass
+class LiveModel:
+    """A network being trained, as a model to evaluate (``built.net`` is the network scored,
+    e.g. the moving average of the weights)."""
+
+    config: DenoiSegConfig
+    built: BuiltModel
+    normalization: Normalization
+    threshold: float | None = None
+
+    @classmethod
+    def of(cls, config: DenoiSegConfig, built: BuiltModel, net: torch.nn.Module, normalization: Normalization) -> LiveModel:
+        return cls(config, replace(built, net=net), normalization)
+
+    @property
+    def ndim(self) -> int:
+        return self.built.ndim
+
+    @property
+    def in_channels(self) -> int:
+        return self.built.in_channels
+
+    def inference_net(self) -> InferenceNet:
+        return InferenceNet(self.built.net, self.built.head).eval()
+
+
+@dataclass
+class Sample:
+    """One image to score: the raw ``(C, *spatial)`` image, its instance mask ``(*spatial)`` and
+    optionally the noise-free ``(C, *spatial)`` image (for PSNR)."""
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+    clean: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- precision and prediction
+
+
+def run_precision(config: DenoiSegConfig, ndim: int, device: torch.device) -> str:
+    """The precision a run trains at and its models are validated, tuned and scored at on
+    ``device``: ``training.precision`` resolved as for training (``fp32`` or ``bf16``)."""
+    return resolve_precision(config.training.precision, device, training_ndim=ndim)
+
+
+class ImagePredictor:
+    """Predicts one raw ``(C, *spatial)`` image at a time with a model (put in eval mode), at
+    :attr:`precision` on :attr:`device`; the batch norms are folded into the convolutions once
+    for all images."""
+
+    def __init__(
+        self,
+        model: EvaluatedModel,
+        *,
+        tile: Sequence[int] | str | None = None,
+        batch_size: int = 4,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+    ):
+        """``device``: default where the model is; ``precision``: default the run's (:func:`run_precision`)."""
+        self.model, self.tile, self.batch_size = model, tile, batch_size
+        self.device = resolve_device(device) or next(model.built.net.parameters()).device
+        self.precision = precision or run_precision(model.config, model.ndim, self.device)
+        self.net = fold_batch_norm(model.inference_net())
+
+    def __call__(self, image: np.ndarray) -> Prediction:
+        return predict_image(
+            self.model,
+            image,
+            tile=self.tile,
+            batch_size=self.batch_size,
+            device=self.device,
+            precision=self.precision,
+            net=self.net,
+        )
+
+
+# --------------------------------------------------------------------------- the head
+
+
+def segmentation_threshold(model: EvaluatedModel, requested: float | None = None) -> float:
+    """The foreground threshold to segment with: ``requested``, else the one tuned during
+    training, else :data:`DEFAULT_THRESHOLD`."""
+    if requested is not None:
+        return float(requested)
+    return float(model.threshold) if model.threshold is not None else DEFAULT_THRESHOLD
+
+
+def instance_labels(head, probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """The head's instance labels ``(*spatial)`` from its probabilities ``(K, *spatial)`` at ``threshold``."""
+    return head.instances(probabilities, float(threshold))
+
+
+def segment(model: EvaluatedModel, prediction: Prediction, threshold: float | None = None) -> np.ndarray:
+    """Instance labels of a prediction at :func:`segmentation_threshold`."""
+    return instance_labels(model.built.head, prediction.probabilities, segmentation_threshold(model, threshold))
+
+
+def scored_records(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+    """The validation images that AP is computed on: labelled ones with at least one object.
+
+    An image without objects scores AP 1 or 0 (any false positive), which rewards high
+    thresholds out of all proportion; the test images of a nuclei data set all hold nuclei.
+    """
+    return [r for r in records if r.labels is not None and np.any(r.labels)]
+
+
+def _ap50_by_threshold(
+    model: EvaluatedModel, records: Sequence[ImageRecord], thresholds: Sequence[float], device, precision: str | None
+) -> list[float]:
+    """Mean AP@0.5 over ``records`` at each threshold, from one prediction of each image."""
+    predict = ImagePredictor(model, device=device, precision=precision)
+    probabilities = [predict(r.image).probabilities for r in records]
+    head = model.built.head
+    return [
+        float(np.mean([average_precision(r.labels, instance_labels(head, p, t)) for r, p in zip(records, probabilities)]))
+        for t in thresholds
+    ]
+
+
+def validation_ap50(
+    model: EvaluatedModel, records: Sequence[ImageRecord], *, device=None, precision: str | None = None
+) -> dict[str, float]:
+    """The validation scores of an epoch: mean AP@0.5 over ``records`` (see :func:`scored_records`)
+    at :data:`DEFAULT_THRESHOLD` (``val_ap50``) and at the best of every other threshold
+    candidate of the head (``val_ap50_tuned`` at ``val_threshold``; the final tuning tries all)."""
+    candidates = sorted(set(model.built.head.threshold_candidates[::2]) | {DEFAULT_THRESHOLD})
+    scores = _ap50_by_threshold(model, records, candidates, device, precision)
+    best = int(np.argmax(scores))
+    return {
+        "val_ap50": scores[candidates.index(DEFAULT_THRESHOLD)],
+        "val_ap50_tuned": scores[best],
+        "val_threshold": float(candidates[best]),
+    }
+
+
+def tune_threshold(
+    model: EvaluatedModel, records: Sequence[ImageRecord], *, device=None, precision: str | None = None
+) -> tuple[float, dict[str, Any]]:
+    """The foreground threshold maximising mean AP@0.5 over ``records`` among all the head's
+    candidates, and a summary (``ap50`` at it, ``n_images``, ``thresholds``, ``ap50_per_threshold``)."""
+    candidates = [float(t) for t in model.built.head.threshold_candidates]
+    scores = _ap50_by_threshold(model, records, candidates, device, precision)
+    best = int(np.argmax(scores))
+    return candidates[best], {
+        "ap50": scores[best],
+        "n_images": len(records),
+        "thresholds": candidates,
+        "ap50_per_threshold": scores,
+    }
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def evaluate(
+    model: EvaluatedModel,
+    samples: Iterable[Sample],
+    *,
+    threshold: float | None = None,
+    tile: Sequence[int] | str | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    on_prediction: Callable[[Sample, Prediction, np.ndarray], None] | None = None,
+) -> dict[str, Any]:
+    """Predict, segment (at :func:`segmentation_threshold`) and score every sample.
+
+    Returns :func:`~denoiseg_core.metrics.evaluate_segmentation`'s results plus the
+    ``threshold`` and ``precision`` used, and, over the samples with a noise-free image,
+    ``psnr`` of the denoised and ``psnr_input`` of the raw image (also per image).
+    ``samples`` may be a generator (images are read one at a time); ``on_prediction(sample,
+    prediction, labels)`` is called for each (e.g. to write the outputs).
+    """
+    predict = ImagePredictor(model, tile=tile, batch_size=batch_size, device=device, precision=precision)
+    used_threshold = segmentation_threshold(model, threshold)
+    names, masks, predictions, psnrs = [], [], [], []
+    for sample in samples:
+        prediction = predict(sample.image)
+        labels = instance_labels(model.built.head, prediction.probabilities, used_threshold)
+        names.append(sample.name)
+        masks.append(sample.mask)
+        predictions.append(labels)
+        if sample.clean is not None:
+            psnrs.append((len(names) - 1, psnr(sample.clean, prediction.denoised), psnr(sample.clean, sample.image)))
+        if on_prediction is not None:
+            on_prediction(sample, prediction, labels)
+    results = evaluate_segmentation(masks, predictions, names=names)
+    results.update(threshold=used_threshold, precision=predict.precision)
+    for index, denoised_db, input_db in psnrs:
+        results["per_image"][index].update(psnr=denoised_db, psnr_input=input_db)
+    if psnrs:
+        results["psnr"] = float(np.mean([denoised_db for _, denoised_db, _ in psnrs]))
+        results["psnr_input"] = float(np.mean([input_db for _, _, input_db in psnrs]))
+    return results
+
+
+def results_json(results: dict[str, Any]) -> str:
+    """:func:`evaluate`'s results as strict JSON (NaN and infinities become null)."""
+
+    def safe(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: safe(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [safe(v) for v in value]
+        return value
+
+    return json.dumps(safe(results), indent=2) + "\n"
