@@ -57,7 +57,7 @@ from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import ImageRecord
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.io import atomic_write_bytes, atomic_write_text, read_image
-from denoiseg_core.evaluation import ImagePredictor, Sample, evaluate
+from denoiseg_core.evaluation import ImagePredictor, ScoredImage, evaluate
 from denoiseg_core.metrics import psnr
 from denoiseg_core.training import BEST_DENOISING
 
@@ -446,9 +446,13 @@ def evaluate_run(checkpoint: Path, data: Prepared, segmentation: bool) -> dict[s
     denoised: list[np.ndarray] = []
     result: dict[str, Any] = {"ap50": None, "map": None, "seg": None, "seg_pooled": None}
     if segmentation:
-        samples = (Sample(name, given[np.newaxis], labels) for name, given, labels in zip(data.test_ids, inputs, data.test_labels))
-        scores = evaluate(model, samples, device="auto", on_prediction=lambda _, p, __: denoised.append(p.denoised[0]))
-        result = {k: scores[k] for k in result}
+
+        def keep_denoised(_image: ScoredImage, prediction, _labels: np.ndarray) -> None:
+            denoised.append(prediction.denoised[0])
+
+        images = (ScoredImage(name, given[np.newaxis], labels) for name, given, labels in zip(data.test_ids, inputs, data.test_labels))
+        scores = evaluate(model, images, device="auto", on_prediction=keep_denoised)
+        result = {key: scores[key] for key in result}
     else:
         predict = ImagePredictor(model, device="auto")
         denoised = [predict(given[np.newaxis]).denoised[0] for given in inputs]

@@ -86,7 +86,7 @@ class LiveModel:
 
 
 @dataclass
-class Sample:
+class ScoredImage:
     """One image to score: the raw ``(C, *spatial)`` image, its instance mask ``(*spatial)`` and
     optionally the noise-free ``(C, *spatial)`` image (for PSNR)."""
 
@@ -217,36 +217,36 @@ def tune_threshold(
 
 def evaluate(
     model: EvaluatedModel,
-    samples: Iterable[Sample],
+    images: Iterable[ScoredImage],
     *,
     threshold: float | None = None,
     tile: Sequence[int] | str | None = None,
     batch_size: int = 4,
     device: str | torch.device | None = None,
     precision: str | None = None,
-    on_prediction: Callable[[Sample, Prediction, np.ndarray], None] | None = None,
+    on_prediction: Callable[[ScoredImage, Prediction, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
-    """Predict, segment (at :func:`segmentation_threshold`) and score every sample.
+    """Predict, segment (at :func:`segmentation_threshold`) and score every image.
 
     Returns :func:`~denoiseg_core.metrics.evaluate_segmentation`'s results plus the
-    ``threshold`` and ``precision`` used, and, over the samples with a noise-free image,
+    ``threshold`` and ``precision`` used, and, over the images with a noise-free version,
     ``psnr`` of the denoised and ``psnr_input`` of the raw image (also per image).
-    ``samples`` may be a generator (images are read one at a time); ``on_prediction(sample,
+    ``images`` may be a generator (read one at a time); ``on_prediction(image,
     prediction, labels)`` is called for each (e.g. to write the outputs).
     """
     predict = ImagePredictor(model, tile=tile, batch_size=batch_size, device=device, precision=precision)
     used_threshold = segmentation_threshold(model, threshold)
     names, masks, predictions, psnrs = [], [], [], []
-    for sample in samples:
-        prediction = predict(sample.image)
+    for scored in images:
+        prediction = predict(scored.image)
         labels = instance_labels(model.built.head, prediction.probabilities, used_threshold)
-        names.append(sample.name)
-        masks.append(sample.mask)
+        names.append(scored.name)
+        masks.append(scored.mask)
         predictions.append(labels)
-        if sample.clean is not None:
-            psnrs.append((len(names) - 1, psnr(sample.clean, prediction.denoised), psnr(sample.clean, sample.image)))
+        if scored.clean is not None:
+            psnrs.append((len(names) - 1, psnr(scored.clean, prediction.denoised), psnr(scored.clean, scored.image)))
         if on_prediction is not None:
-            on_prediction(sample, prediction, labels)
+            on_prediction(scored, prediction, labels)
     results = evaluate_segmentation(masks, predictions, names=names)
     results.update(threshold=used_threshold, precision=predict.precision)
     for index, denoised_db, input_db in psnrs:

@@ -1,5 +1,7 @@
 """Guards of a training run against concurrent use, killed processes and numbers that cannot be right.
 
+* :func:`check_run_folder`: a new run never goes into a folder that holds one, a resumed run
+  needs its ``last.pt``.
 * :func:`claim_run_folder`: an exclusive lock on the run folder for the whole training (a
   second ``denoiseg train`` into the same folder stops with one line), and removal of the
   temporary files a killed run left there.
@@ -37,6 +39,17 @@ class RunFolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def check_run_folder(run_dir: Path, resume: bool) -> None:
+    """One line when ``run_dir`` holds a run and ``resume`` is off, or holds none to resume."""
+    last = Path(run_dir) / "last.pt"
+    if resume and not last.is_file():
+        raise DenoiSegError("nothing to resume: no last.pt in the run folder", run_dir)
+    if not resume and last.exists():
+        raise DenoiSegError(
+            "run folder already holds a training run (use --resume to continue it, or choose another run_dir)", run_dir
+        )
 
 
 def claim_run_folder(run_dir: Path, log: Callable[[str], None] = print) -> RunFolderLock:

@@ -5,7 +5,11 @@ and minimise ``alpha * N2V masked MSE + (1 - alpha) * class-weighted cross-entro
 (see :mod:`denoiseg_core.losses`). After every epoch: validation losses and AP, the CSV
 log and the curves PNG, ``last.pt`` (with everything needed to resume) and ``best.pt``.
 After the last epoch the foreground threshold is tuned on the validation images and
-stored in both checkpoints.
+stored in both checkpoints. The loop is here; what it carries from epoch to epoch and
+saves to resume (weights, their moving average, optimizer, random streams, best values)
+is :mod:`denoiseg_core.training_state`, what it shows and writes about itself (progress
+bar, ``log.csv``, ``training_curves.png``) :mod:`denoiseg_core.training_report`, and how
+it scores the network :mod:`denoiseg_core.evaluation`.
 
 Speed (see ``benchmarks/throughput.py``): 2D networks train in channels_last layout;
 ``training.precision: auto`` uses bf16 autocast (float32 master weights and losses) where
@@ -18,10 +22,7 @@ network in ``torch.compile``; under ``torchrun`` the run is data-parallel (DDP, 
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,12 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from denoiseg_core.checkpoint import (
-    load_weights,
-    read_checkpoint_state,
-    read_package_state,
-    save_checkpoint,
-)
+from denoiseg_core.checkpoint import read_checkpoint_state, read_package_state
 from denoiseg_core.config import DenoiSegConfig, save_config, validate_components
 from denoiseg_core.data import (
     ImageRecord,
@@ -47,7 +43,6 @@ from denoiseg_core.data import (
     load_training_data,
 )
 from denoiseg_core.errors import ConfigError, DenoiSegError
-from denoiseg_core.io import atomic_write_bytes, atomic_write_text
 from denoiseg_core.evaluation import LiveModel, run_precision, scored_records, tune_threshold, validation_ap50
 from denoiseg_core.losses import denoiseg_loss
 from denoiseg_core.model import BuiltModel, build_model
@@ -58,35 +53,21 @@ from denoiseg_core.runtime import (
     preferred_memory_format,
     resolve_device,
 )
-from denoiseg_core.safeguards import adopt_newer_best, check_finite_epoch, claim_run_folder, warn_about_training_data
-
-LOG_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "train_denoise",
-    "train_seg",
-    "val_loss",
-    "val_denoise",
-    "val_seg",
-    "val_ap50",
-    "val_ap50_tuned",
-    "val_threshold",
-    "learning_rate",
-    "seconds",
+from denoiseg_core.safeguards import (
+    adopt_newer_best,
+    check_finite_epoch,
+    check_run_folder,
+    claim_run_folder,
+    warn_about_training_data,
 )
+from denoiseg_core.training_report import TrainingReport
+from denoiseg_core.training_state import RandomStreams, TrainingState, seed_everything
+
 VALIDATION_PATCH_BATCHES = 4
 #: the checkpoint with the lowest validation denoising loss (written when denoising is trained)
 BEST_DENOISING = "best_denoising.pt"
 #: torch.compile backend used by ``training.compile`` (tests may pick a cheaper one)
 COMPILE_BACKEND = "inductor"
-#: seconds between live-loss updates of the progress bar (each one waits for the device)
-PROGRESS_INTERVAL = 1.0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -126,22 +107,13 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
-        self.progress = progress and self.is_main
         self.log = log if self.is_main else (lambda _message: None)
+        self.report = TrainingReport(self.run_dir, progress=progress and self.is_main, log=self.log)
         self.batch_size = distributed.per_rank_batch(config.training.batch_size, self.dist.world_size)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels once
 
-        last = self.run_dir / "last.pt"
-        if resume:
-            if not last.is_file():
-                raise DenoiSegError("nothing to resume: no last.pt in the run folder", self.run_dir)
-        elif last.exists():
-            raise DenoiSegError(
-                "run folder already holds a training run (use --resume to continue it, or choose another run_dir)",
-                self.run_dir,
-            )
-
+        check_run_folder(self.run_dir, resume)
         seed_everything(config.seed)
         if records is None:
             self.train_records, self.val_records = load_training_data(config.data, seed=config.seed)
@@ -150,7 +122,7 @@ class Trainer:
         first = self.train_records[0]
         self.ndim, self.in_channels = first.ndim, first.image.shape[0]
         self.precision = run_precision(config, self.ndim, self.device)
-        self.config.plugins = plugin_versions(
+        config.plugins = plugin_versions(
             self.registry,
             [
                 ("backbone", config.model.backbone.name),
@@ -168,30 +140,14 @@ class Trainer:
 
         self.memory_format = preferred_memory_format(self.ndim, self.device)
         self.net = self.built.net.to(self.device, memory_format=self.memory_format)
-        # fused Adam: one kernel for all parameters on the GPU; AdamW decouples weight decay
-        optimizer_class = torch.optim.AdamW if config.training.weight_decay > 0 else torch.optim.Adam
-        self.optimizer = optimizer_class(
-            self.net.parameters(),
-            lr=config.training.learning_rate,
-            weight_decay=config.training.weight_decay,
-            fused=self.device.type == "cuda" or None,
+        self.state = TrainingState(
+            self.net, config.training, RandomStreams(config.seed, self.dist.rank, self.device), self.device
         )
-        # The moving average of the weights is what validation, checkpoints and export use.
-        self.ema: torch.optim.swa_utils.AveragedModel | None = None
-        if config.training.ema_decay is not None:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                self.net,
-                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.training.ema_decay),
-                use_buffers=True,  # batch-norm statistics are averaged too
-            )
         self.semi_supervised = None
         if config.training.semi_supervised is not None:
             chosen = config.training.semi_supervised
             spec = self.registry.spec("semi_supervised", chosen.name)
             self.semi_supervised = spec.build(spec.params.model_validate(chosen.params))
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=config.training.lr_factor, patience=config.training.lr_patience
-        )
         self.sampler = PatchSampler(
             self.train_records,
             config.data.patch_size,
@@ -214,19 +170,12 @@ class Trainer:
             warn_about_training_data(
                 self.train_records, self.val_records, self.sampler.labelled_count, config.training.alpha, self.log
             )
-        # Rank 0 draws exactly what a single process would; other ranks get their own streams.
-        self.rng = np.random.default_rng(self._rank_seed())
-        self.mask_generator = torch.Generator(device=self.device).manual_seed(self._rank_seed(torch_seed=True))
-        self.epoch = 0
-        self.history: list[dict[str, float]] = []
-        self.best_value: float | None = None
-        self.best_denoise_value: float | None = None
         self._fixed_val_batches = self._make_validation_batches()
 
         # creates the folder; a second training into it stops here (held until fit() ends)
         self._run_lock = claim_run_folder(self.run_dir, self.log) if self.is_main else None
         if resume:
-            self._load_training_state(last)
+            self._resume(self.run_dir / "last.pt")
         if self.is_main:
             save_config(self.config, self.run_dir / "config.yaml")
         self.train_net: torch.nn.Module = self.net
@@ -242,22 +191,28 @@ class Trainer:
         if config.training.compile:
             self._set_up_compile()
 
+    # what the run's state holds, as the loop and its callers (e.g. the napari widget) read it
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.state.history
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.state.optimizer
+
+    @property
+    def ema(self) -> torch.optim.swa_utils.AveragedModel | None:
+        return self.state.ema
+
     @property
     def eval_net(self) -> torch.nn.Module:
-        """The network that is validated, saved and exported: the moving average when there is one."""
-        return self.ema.module if self.ema is not None else self.net
+        return self.state.eval_net
 
     # ------------------------------------------------------------------ set-up helpers
-    def _rank_seed(self, torch_seed: bool = False, epoch: int | None = None):
-        """The seed of this rank's patch (or mask) stream; rank 0 of a fresh run uses the
-        config seed itself, so one process and rank 0 of many draw the same patches."""
-        seed = self.config.seed
-        if self.dist.rank == 0 and epoch is None:
-            return seed
-        if torch_seed:
-            return int(np.random.default_rng([seed, self.dist.rank, epoch or 0, 1]).integers(2**62))
-        return [seed, self.dist.rank, epoch or 0]
-
     def _set_up_compile(self) -> None:
         """``torch.compile`` the training forward; fall back to eager with a warning when
         compilation is unavailable (no compiler, unsupported platform) here or at the first step."""
@@ -297,68 +252,30 @@ class Trainer:
         n = self.config.training.validation_batches or VALIDATION_PATCH_BATCHES
         return [self.val_sampler.sample(batch, rng) for _ in range(n)]
 
-    # ------------------------------------------------------------------ state
-    def _training_state(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "history": self.history,
-            "best_value": self.best_value,
-            "best_denoise_value": self.best_denoise_value,
-            # the trained (student) weights and the average; model_state holds the average
-            "student_state": self.net.state_dict() if self.ema is not None else None,
-            "ema_state": self.ema.state_dict() if self.ema is not None else None,
-            "numpy_rng": self.rng.bit_generator.state,
-            "mask_generator": self.mask_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-        }
-
-    def _load_training_state(self, path: Path) -> None:
-        state = read_checkpoint_state(path)
-        saved = DenoiSegConfig.model_validate(state["config"])
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self, path: Path) -> None:
+        checkpoint = read_checkpoint_state(path)
+        saved = DenoiSegConfig.model_validate(checkpoint["config"])
         if saved.model != self.config.model:
             raise ConfigError(f"{path}: the model settings differ from the run being resumed; resume with the run's own config")
-        ts = state["training_state"]
-        if self.ema is not None and ts.get("ema_state") is not None:
-            load_weights(self.net, ts["student_state"], path)
-            self.ema.load_state_dict(ts["ema_state"])
-        else:  # also a run saved before it kept a moving average: the average starts from these weights
-            load_weights(self.net, state["model_state"], path)
-            if self.ema is not None:
-                self.ema.module.load_state_dict(self.net.state_dict())
-        self.normalization = Normalization(**state["normalization"])
-        self.optimizer.load_state_dict(ts["optimizer"])
-        self.scheduler.load_state_dict(ts["scheduler"])
-        self.history = list(ts["history"])
-        self.best_value = ts["best_value"]
-        self.best_denoise_value = ts.get("best_denoise_value")
-        self.epoch = int(state["epoch"])
-        if self.dist.rank == 0:
-            self.rng.bit_generator.state = ts["numpy_rng"]
-            self.mask_generator.set_state(ts["mask_generator"])
-        else:  # last.pt holds rank 0's streams; the others start fresh ones for this epoch
-            self.rng = np.random.default_rng(self._rank_seed(epoch=self.epoch))
-            self.mask_generator.manual_seed(self._rank_seed(torch_seed=True, epoch=self.epoch))
-        torch.set_rng_state(ts["torch_rng"])
-        random.setstate(ts["python_rng"])
+        self.state.restore(checkpoint, path)
+        self.normalization = Normalization(**checkpoint["normalization"])
         self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
         if self.is_main:
-            self.best_value = adopt_newer_best(self.run_dir, self.epoch, self.best_value, self.log)
-            self._write_log()  # a kill after last.pt but before log.csv lost the last row
+            self.state.best.value = adopt_newer_best(self.run_dir, self.epoch, self.state.best.value, self.log)
+            self.report.write(self.history)  # a kill after last.pt but before log.csv lost the last row
 
     def _save(self, name: str, threshold: float | None = None, extra: dict | None = None, epoch: int | None = None) -> Path:
         path = self.run_dir / name
-        save_checkpoint(
+        self.state.save(
             path,
             config=self.config,
             built=self.built,
             normalization=self.normalization,
+            resumable=name == "last.pt",
             threshold=threshold,
-            epoch=self.epoch if epoch is None else epoch,  # the epoch of the weights saved
-            training_state=self._training_state() if name == "last.pt" else None,
             extra=extra,
-            model_state=self.eval_net.state_dict(),
+            epoch=epoch,  # default the current epoch; best.pt after tuning keeps its own
         )
         return path
 
@@ -411,7 +328,8 @@ class Trainer:
         if jitter <= 0:
             return patches
         shape = (patches.shape[0], 2) + (1,) * (patches.ndim - 1)
-        draws = torch.rand(shape, generator=self.mask_generator, device=self.mask_generator.device).to(patches.device)
+        masks = self.state.streams.masks
+        draws = torch.rand(shape, generator=masks, device=masks.device).to(patches.device)
         draws = (2 * draws - 1) * jitter
         return patches * torch.exp(draws[:, 0]) + draws[:, 1]
 
@@ -449,7 +367,7 @@ class Trainer:
             patches,
             targets,
             labelled,
-            self.mask_generator,
+            self.state.streams.masks,
             self._train_forward,
             alpha=1.0 if warm else None,
             semi_supervised=None if warm else self._joint_progress(step),
@@ -457,14 +375,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
+        self.state.step_done()
         return total.detach(), denoise.detach(), seg.detach()
 
     def batches(self) -> Iterator[tuple]:
         """Endless training batches of this rank's size.
 
-        ``num_workers == 0``: sampled here from :attr:`rng` (a seeded run is repeatable and
+        ``num_workers == 0``: sampled here from the run's patch stream (a seeded run is repeatable and
         resumes exactly). Otherwise worker processes sample them (:class:`PatchStream`,
         seeded by config seed, rank, worker and the epoch the loader started at; pinned
         memory on CUDA), overlapping data preparation with the training step.
@@ -472,7 +389,7 @@ class Trainer:
         workers = self.config.training.num_workers
         if workers == 0:
             while True:
-                yield self.sampler.sample(self.batch_size, self.rng)
+                yield self.sampler.sample(self.batch_size, self.state.streams.patches)
         from torch.utils.data import DataLoader
 
         stream = PatchStream(self.sampler, self.batch_size, seed=[self.config.seed, self.dist.rank, self.epoch])
@@ -522,12 +439,11 @@ class Trainer:
             f"({self.sampler.labelled_count} labelled), {len(self.val_records)} validation images, "
             f"{self.net.__class__.__name__} with {sum(p.numel() for p in self.net.parameters()):,} parameters"
         )
-        with _progress(self.progress) as progress:
-            task = progress.add_task("training", total=cfg.epochs * cfg.steps_per_epoch, completed=self.epoch * cfg.steps_per_epoch)
+        with self.report.bar(cfg.epochs * cfg.steps_per_epoch, self.epoch * cfg.steps_per_epoch):
             batches = self.batches()
             try:
                 while self.epoch < cfg.epochs:
-                    self._run_epoch(batches, progress, task)
+                    self._run_epoch(batches)
             finally:
                 batches.close()  # stops DataLoader workers
         try:
@@ -539,23 +455,16 @@ class Trainer:
             distributed.teardown(self.dist)
         return result
 
-    def _run_epoch(self, batches: Iterator[tuple], progress, task) -> None:
+    def _run_epoch(self, batches: Iterator[tuple]) -> None:
         cfg = self.config.training
-        started = last_update = time.perf_counter()
+        started = time.perf_counter()
+        self.report.epoch_started()
         sums = torch.zeros(3, device=self.device)  # summed on the device: no host sync per step
         for step in range(cfg.steps_per_epoch):
             sums += torch.stack(self.train_step(next(batches), step)).float()
-            now = time.perf_counter()
-            if self.progress and (now - last_update >= PROGRESS_INTERVAL or step == cfg.steps_per_epoch - 1):
-                last_update = now
-                avg = (sums / (step + 1)).tolist()
-                progress.update(
-                    task,
-                    description=f"epoch {self.epoch + 1}/{cfg.epochs} loss {avg[0]:.4f} (dn {avg[1]:.4f}, seg {avg[2]:.4f})",
-                )
-            progress.advance(task)
+            self.report.step_done(self.epoch + 1, cfg.epochs, step + 1, cfg.steps_per_epoch, sums)
         train = (distributed.all_reduce_mean(sums, self.dist) / cfg.steps_per_epoch).tolist()
-        self.epoch += 1
+        self.state.epoch += 1
         validation = self.validate() if self.is_main else {}
         # The LR scheduler must see the same validation loss on every rank.
         val_keys = ("val_loss", "val_denoise", "val_seg", "val_ap50", "val_ap50_tuned", "val_threshold")
@@ -574,45 +483,19 @@ class Trainer:
         self.history.append(values)
         warm = self.epoch <= cfg.warm_start_epochs  # this epoch trained Noise2Void only
         if not warm:  # the warm start runs at the full learning rate; the plateau count starts after it
-            self.scheduler.step(values["val_loss"])
-        improved = not warm and self._is_improvement(values)
-        denoise_improved = self._is_denoising_improvement(values)
+            self.state.scheduler.step(values["val_loss"])
+        improved = not warm and self.state.best.improves(values)
+        denoise_improved = self.state.best.improves_denoising(values)
         if not self.is_main:
             return
         # best checkpoints first: a kill between the writes never leaves one behind last.pt
         if improved:
-            self._save("best.pt", extra={"best_value": self.best_value})
+            self._save("best.pt", extra={"best_value": self.state.best.value})
         if denoise_improved:
             self._save(BEST_DENOISING)
         self._save("last.pt")
-        self._write_log()
-        progress.console.print(
-            f"epoch {self.epoch:>3}: train {values['train_loss']:.4f}  val {values['val_loss']:.4f}"
-            f"  val AP@0.5 {values['val_ap50']:.3f} (tuned {values['val_ap50_tuned']:.3f} at {values['val_threshold']:.2f})"
-            f"  lr {values['learning_rate']:.2e}"
-            + ("  (warm start: denoising only)" if warm else "")
-            + ("  (best)" if improved else "")
-        )
-
-    def _is_denoising_improvement(self, values: dict[str, float]) -> bool:
-        """Lowest validation denoising loss so far (``best_denoising.pt``), when denoising is trained."""
-        if self.config.training.alpha == 0 and self.config.training.warm_start_epochs == 0:
-            return False
-        value = values["val_denoise"]
-        if math.isnan(value) or (self.best_denoise_value is not None and value >= self.best_denoise_value):
-            return False
-        self.best_denoise_value = value
-        return True
-
-    def _is_improvement(self, values: dict[str, float]) -> bool:
-        metric = self.config.training.best_metric
-        value = values[metric]
-        if math.isnan(value):
-            metric, value = "val_loss", values["val_loss"]
-        if self.best_value is None or (value < self.best_value if metric == "val_loss" else value > self.best_value):
-            self.best_value = value
-            return True
-        return False
+        self.report.write(self.history)
+        self.report.epoch_done(values, warm=warm, best=improved)
 
     def _finish(self) -> TrainingRun:
         best_path = self.run_dir / "best.pt"
@@ -639,93 +522,6 @@ class Trainer:
             self.eval_net.load_state_dict(last_weights)
         self._save("last.pt", threshold=threshold, extra={"validation": validation})
         return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, threshold, validation)
-
-    def _write_log(self) -> None:
-        buffer = _io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        for row in self.history:
-            writer.writerow({k: row.get(k) for k in LOG_COLUMNS})
-        atomic_write_text(self.run_dir / "log.csv", buffer.getvalue())
-        try:
-            atomic_write_bytes(self.run_dir / "training_curves.png", plot_history(self.history))
-        except Exception as exc:  # a plotting problem must never kill a training run
-            self.log(f"warning: could not draw training curves ({exc})")
-
-
-def plot_history(history: list[dict[str, float]]) -> bytes:
-    """PNG bytes of loss curves (train/val, both terms) and validation AP against epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes[:2], ("denoise", "seg"), ("denoising loss (N2V MSE)", "segmentation loss (weighted CE)")):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.legend()
-    axes[2].plot(epochs, [h["val_ap50"] for h in history], color="tab:green", label="threshold 0.5")
-    axes[2].plot(epochs, [h.get("val_ap50_tuned", math.nan) for h in history], color="tab:olive", label="best threshold")
-    axes[2].legend()
-    axes[2].set_title("validation AP@0.5")
-    axes[2].set_xlabel("epoch")
-    axes[2].set_ylim(0, 1)
-    fig.tight_layout()
-    buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-class _NullProgress:
-    """Stands in for rich's Progress when progress bars are off (tests, logs)."""
-
-    class _Console:
-        @staticmethod
-        def print(*args, **kwargs):
-            print(*args)
-
-    console = _Console()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *args, **kwargs):
-        return 0
-
-    def update(self, *args, **kwargs):
-        pass
-
-    def advance(self, *args, **kwargs):
-        pass
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return _NullProgress()
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
 
 
 def train(

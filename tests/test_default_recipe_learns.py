@@ -15,7 +15,7 @@ import torch
 from denoiseg_core.checkpoint import load_checkpoint
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import load_folder
-from denoiseg_core.evaluation import Sample, evaluate
+from denoiseg_core.evaluation import ScoredImage, evaluate
 from denoiseg_core.synthetic import write_synthetic_dataset
 from denoiseg_core.training import train
 
@@ -48,6 +48,6 @@ def test_default_recipe_reaches_the_stated_ap_in_seeded_steps(tmp_path):
     run = train(config, progress=False, log=lambda _: None)
     model = load_checkpoint(run.best_checkpoint)
     records = load_folder(folders["test"], require_masks=True)
-    ap50 = evaluate(model, [Sample(r.path.name, r.image, r.labels) for r in records], device="cpu")["ap50"]
+    ap50 = evaluate(model, [ScoredImage(r.path.name, r.image, r.labels) for r in records], device="cpu")["ap50"]
     print(f"default recipe, {EPOCHS * STEPS} steps: test AP@0.5 {ap50:.3f}")
     assert np.isfinite(ap50) and ap50 >= REQUIRED_AP50, f"test AP@0.5 {ap50:.3f} < {REQUIRED_AP50} after {EPOCHS * STEPS} steps"

@@ -10,6 +10,7 @@ from denoiseg_core.checkpoint import LoadedModel, load_checkpoint, save_checkpoi
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import Normalization
 from denoiseg_core.errors import ConfigError, DataError
+from denoiseg_core.evaluation import segment
 from denoiseg_core.model import build_model
 from denoiseg_core.prediction import (
     Prediction,
@@ -17,7 +18,6 @@ from denoiseg_core.prediction import (
     effective_tile,
     predict_array,
     predict_image,
-    segment,
     tile_plan,
 )
 from denoiseg_plugins.unet_arch import UNet, unet_halo

@@ -29,6 +29,7 @@ from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.model import build_model
 from denoiseg_core.synthetic import write_synthetic_dataset
 from denoiseg_core.training import Trainer, train
+from denoiseg_core.training_state import BestEpochs
 
 from cli_helpers import run_cli, tree
 
@@ -318,7 +319,7 @@ def test_sigkill_during_training_then_resume_gives_the_uninterrupted_run(kill_at
 def test_best_checkpoint_records_the_epoch_of_its_weights(data, tmp_path, monkeypatch):
     config = DenoiSegConfig.model_validate(yaml.safe_load(tiny_config_file(tmp_path, data, tmp_path / "run").read_text()))
     # epoch 1 is the best; the run goes on to epoch 3
-    monkeypatch.setattr(Trainer, "_is_improvement", lambda self, values: values["epoch"] == 1 and not setattr(self, "best_value", 0.0))
+    monkeypatch.setattr(BestEpochs, "improves", lambda self, values: values["epoch"] == 1 and not setattr(self, "value", 0.0))
     run = train(config, progress=False, log=lambda _: None)
     best = read_checkpoint_state(run.best_checkpoint)
     assert best["epoch"] == 1 and best["threshold"] is not None

@@ -100,7 +100,7 @@ def test_training_network_is_channels_last_and_steps_return_device_tensors(tiny_
     weights = [m.weight for m in trainer.net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
     assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
     assert not all(w.is_contiguous() for w in weights)
-    losses = trainer.train_step(trainer.sampler.sample(4, trainer.rng))
+    losses = trainer.train_step(trainer.sampler.sample(4, trainer.state.streams.patches))
     assert all(isinstance(x, torch.Tensor) and x.device == trainer.device and not x.requires_grad for x in losses)
 
 

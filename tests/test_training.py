@@ -13,7 +13,7 @@ from denoiseg_core.checkpoint import load_checkpoint, read_checkpoint_state
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import load_folder
 from denoiseg_core.errors import ConfigError, DenoiSegError
-from denoiseg_core.evaluation import Sample, evaluate, scored_records
+from denoiseg_core.evaluation import ScoredImage, evaluate, scored_records
 from denoiseg_core.synthetic import write_synthetic_dataset
 from denoiseg_core.training import Trainer, train
 
@@ -67,7 +67,7 @@ def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, 
     # One evaluation path at one precision: scoring best.pt on the validation images at its
     # tuned threshold reproduces the validation AP the threshold was chosen by.
     records = scored_records(load_folder(dataset_2d["val"], require_masks=True))
-    scores = evaluate(model, [Sample(r.path.name, r.image, r.labels) for r in records])
+    scores = evaluate(model, [ScoredImage(r.path.name, r.image, r.labels) for r in records])
     assert scores["threshold"] == run.threshold
     assert scores["ap50"] == run.validation["ap50"]
 

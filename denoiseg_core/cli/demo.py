@@ -114,21 +114,21 @@ def _predict_and_evaluate(model, folders: dict[str, Path], out: Path) -> dict:
     import numpy as np
 
     from denoiseg_core.data import load_folder
-    from denoiseg_core.evaluation import Sample, evaluate
+    from denoiseg_core.evaluation import ScoredImage, evaluate
     from denoiseg_core.io import read_image, write_tiff
 
-    def samples():
+    def images():
         for record in load_folder(folders["test"], require_masks=True):
             clean_path = folders["test"] / "clean" / record.path.name
             clean = read_image(clean_path).astype(np.float32)[np.newaxis] if clean_path.exists() else None
-            yield Sample(record.path.name, record.image, record.labels, clean)
+            yield ScoredImage(record.path.name, record.image, record.labels, clean)
 
-    def write(sample: Sample, prediction, labels: np.ndarray) -> None:
-        stem = Path(sample.name).stem
+    def write(image: ScoredImage, prediction, labels: np.ndarray) -> None:
+        stem = Path(image.name).stem
         write_tiff(out / f"{stem}_denoised.tif", prediction.denoised[0].astype(np.float32), overwrite=True)
         write_tiff(out / f"{stem}_labels.tif", labels.astype(np.uint16), overwrite=True)
 
-    return evaluate(model, samples(), on_prediction=write)
+    return evaluate(model, images(), on_prediction=write)
 
 
 def _export(checkpoint: Path, target: Path, folders: dict[str, Path]) -> Path | None:

@@ -9,17 +9,7 @@ from typing import Annotated
 
 import typer
 
-from denoiseg_core.cli.inputs import (
-    TrustCheckpointOption,
-    collect_inputs,
-    load_model,
-    model_axes,
-    parse_tile,
-    precheck_input,
-    progress_bar,
-    read_model_input,
-    stderr_console,
-)
+from denoiseg_core.cli import inputs
 from denoiseg_core.errors import ConfigError, DataError
 
 
@@ -69,26 +59,26 @@ def evaluate_command(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --json file")] = False,
-    trust_checkpoint: TrustCheckpointOption = False,
+    trust_checkpoint: inputs.TrustCheckpointOption = False,
 ) -> None:
     """Predict every image in --images and score it against the mask of the same name."""
     from denoiseg_core.data import to_channel_first, validate_mask
-    from denoiseg_core.evaluation import Sample, evaluate, results_json
+    from denoiseg_core.evaluation import ScoredImage, evaluate, results_json
     from denoiseg_core.io import atomic_write_text, check_outputs, read_image
     from denoiseg_core.metrics import format_table
     from denoiseg_core.runtime import resolve_device, resolve_precision
 
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")
-    model = load_model(checkpoint, trust_checkpoint)
-    tile_size = parse_tile(tile, model.ndim)
+    model = inputs.load_model(checkpoint, trust_checkpoint)
+    tile_size = inputs.parse_tile(tile, model.ndim)
     target = resolve_device(device)
     chosen_precision = resolve_precision(precision, target) if precision is not None else None
     _check_folder(images, "--images")
     _check_folder(masks, "--masks")
     if clean is not None:
         _check_folder(clean, "--clean")
-    files = collect_inputs([images])
+    files = inputs.collect_inputs([images])
     # pair everything up front: a missing mask fails before minutes of prediction
     mask_files = [find_partner(f, masks, "mask") for f in files]
     clean_files = [find_partner(f, clean, "clean image") for f in files] if clean is not None else None
@@ -101,30 +91,30 @@ def evaluate_command(
             what="JSON report",
         )
     for file in files:
-        precheck_input(file, model)
+        inputs.precheck_input(file, model)
 
-    def samples(progress, task) -> Iterator[Sample]:
+    def scored_images(progress, task) -> Iterator[ScoredImage]:
         for index, file in enumerate(files):
             progress.update(task, current=file.name)
-            image = read_model_input(file, model)
+            image = inputs.read_model_input(file, model)
             mask = validate_mask(read_image(mask_files[index]), image.shape[1:], mask_files[index])
             reference = None
             if clean_files is not None:
                 clean_path = clean_files[index]
-                reference = to_channel_first(read_image(clean_path), model_axes(model), clean_path)
+                reference = to_channel_first(read_image(clean_path), inputs.model_axes(model), clean_path)
                 if reference.shape != image.shape:
                     raise DataError(
                         f"clean image shape {reference.shape[1:]} differs from the input's {image.shape[1:]}", clean_path
                     )
                 if float(reference.max() - reference.min()) <= 0:
                     raise DataError("clean image is constant; PSNR is undefined", clean_path)
-            yield Sample(file.name, image, mask, reference)
+            yield ScoredImage(file.name, image, mask, reference)
 
-    with progress_bar(stderr_console()) as progress:
+    with inputs.progress_bar(inputs.stderr_console()) as progress:
         task = progress.add_task("evaluating", total=len(files), current="")
         results = evaluate(
             model,
-            samples(progress, task),
+            scored_images(progress, task),
             threshold=threshold,
             tile=tile_size,
             batch_size=batch_size,
