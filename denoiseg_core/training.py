@@ -83,7 +83,8 @@ class TrainingRun:
 
 
 class Trainer:
-    """Holds the state of one training run; :meth:`fit` runs it to the end."""
+    """One training run: data, network, steps and epochs; :meth:`fit` runs it to the end (its state is
+    :attr:`state`, its output :attr:`report`)."""
 
     def __init__(
         self,
