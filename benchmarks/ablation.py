@@ -36,10 +36,10 @@ SEEDS = (0, 1, 2)
 #: ``--smoke``: every stage on the tiny budget, one seed, 16 images per split part (tests)
 SMOKE = False
 STAGE1 = ("baseline", "baseline_ema", "paper", "denoiseg_v1", "ema", "warm_start", "mean_teacher",
-          "pseudo_labels", "combo_a", "combo_b", "combo_d", "combo_c", "sequential", "n2v")
+          "pseudo_labels", "combo_a", "combo_b", "combo_d", "combo_c", "combo_d_alpha_0.3", "combo_d_weight_decay", "combo_d_jitter", "sequential", "n2v")
 #: DenoiSeg recipes of stage 1 that the default can be chosen from
 CANDIDATES = ("paper", "denoiseg_v1", "ema", "warm_start", "mean_teacher", "pseudo_labels", "combo_a", "combo_b",
-              "combo_d", "combo_c")
+              "combo_d", "combo_c", "combo_d_alpha_0.3", "combo_d_weight_decay", "combo_d_jitter")
 #: (noise, labelled crops) of stage 2
 STAGE2_SETTINGS = ((0.0, 10), (40.0, 10), (20.0, 19), (20.0, 38))
 STAGE3 = ("baseline", "baseline_ema", "paper", "denoiseg_v1", "tuned_ckpt", "ema", "warm_start", "mean_teacher",

@@ -175,12 +175,13 @@ class Recipe:
 
 #: the settings of the first DenoiSeg port (before this ablation); recipes below change one lever
 #: at a time from ``TUNED``, which only picks checkpoints at the tuned threshold
-_LEVERS_OFF = {"ema_decay": None, "warm_start_epochs": 0, "weight_decay": 0.0, "intensity_jitter": 0.0,
+_LEVERS_OFF = {"alpha": 0.5, "ema_decay": None, "warm_start_epochs": 0, "weight_decay": 0.0, "intensity_jitter": 0.0,
                "semi_supervised": None}
 _V1 = {**_LEVERS_OFF, "labelled_fraction": 0.25, "best_metric": "val_ap50"}
 _TUNED = {**_V1, "best_metric": "val_ap50_tuned"}
 _MEAN_TEACHER = {"name": "mean_teacher", "params": {}}
 _PSEUDO_LABELS = {"name": "mean_teacher", "params": {"loss": "cross_entropy", "confidence": 0.9, "weight": 1.0}}
+_COMBO_D = {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _PSEUDO_LABELS}
 RECIPES: dict[str, Recipe] = {
     "baseline": Recipe("baseline", "segmentation only (alpha 0) on the labelled crops, checkpoint by AP at "
                        "threshold 0.5", {**_V1, "labelled_fraction": None}),
@@ -214,14 +215,19 @@ RECIPES: dict[str, Recipe] = {
                       {**_TUNED, "ema_decay": 0.99, "warm_start_fraction": 1 / 3, "semi_supervised": _MEAN_TEACHER}),
     "combo_b": Recipe("denoiseg", "EMA + mean teacher + half labelled",
                       {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _MEAN_TEACHER}),
-    "combo_d": Recipe("denoiseg", "EMA + pseudo-labels + half labelled",
-                      {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _PSEUDO_LABELS}),
+    "combo_d": Recipe("denoiseg", "EMA + pseudo-labels + half labelled (the default before alpha 0.3)", _COMBO_D),
+    # one more lever at a time on top of combo_d
+    "combo_d_alpha_0.3": Recipe("denoiseg", "combo_d with alpha 0.3 (more weight on segmentation): the default recipe",
+                                {**_COMBO_D, "alpha": 0.3}),
+    "combo_d_weight_decay": Recipe("denoiseg", "combo_d + AdamW weight decay 0.05", {**_COMBO_D, "weight_decay": 0.05}),
+    "combo_d_jitter": Recipe("denoiseg", "combo_d + random gain/offset 0.2 per patch",
+                             {**_COMBO_D, "intensity_jitter": 0.2}),
     "combo_c": Recipe("denoiseg", "EMA + warm start + half labelled",
                       {**_TUNED, "ema_decay": 0.99, "warm_start_fraction": 1 / 3, "labelled_fraction": 0.5}),
     "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),
 }
 #: recipes drawn as lines in the plot, with their colours
-_PLOT_COLOURS = {"default": "tab:red", "ema": "tab:red", "combo_d": "tab:pink", "baseline": "tab:green",
+_PLOT_COLOURS = {"default": "tab:red", "combo_d_alpha_0.3": "tab:red", "ema": "tab:cyan", "combo_d": "tab:pink", "baseline": "tab:green",
                  "baseline_ema": "tab:olive", "sequential": "tab:purple", "paper": "tab:orange",
                  "denoiseg_v1": "tab:brown"}
 _BUDGET_MARKERS = {"cpu": "o", "screen": "s", "paper": "D"}
