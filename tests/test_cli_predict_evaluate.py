@@ -38,7 +38,7 @@ def make_checkpoint(path: Path, ndim: int = 2, axes: str = "auto", channels: int
     torch.manual_seed(0)
     built = build_model(config, ndim=ndim, in_channels=channels)
     normalization = Normalization(mean=[100.0] * channels, std=[25.0] * channels)
-    save_checkpoint(path, config=config, built=built, normalization=normalization, threshold=0.4)
+    save_checkpoint(path, config=config, built=built, normalization=normalization, instance_settings=built.head.settings(threshold=0.4))
     return path
 
 
@@ -246,8 +246,8 @@ def test_evaluate_writes_json_with_metrics(workspace, tmp_path):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
-    assert {"ap50", "map", "seg", "per_image", "psnr", "psnr_input", "threshold"} <= set(data)
-    assert data["threshold"] == 0.3 and data["n_images"] == 2
+    assert {"ap50", "map", "seg", "per_image", "psnr", "psnr_input", "instance_settings"} <= set(data)
+    assert data["instance_settings"] == {"threshold": 0.3} and data["n_images"] == 2
     assert [row["name"] for row in data["per_image"]] == ["img0.tif", "img1.tif"]
     # same numbers as scoring the predictions directly, at the run's precision (as threshold tuning does)
     model = load_checkpoint(workspace["checkpoint"])
