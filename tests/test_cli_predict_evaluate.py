@@ -132,6 +132,12 @@ def test_predict_writes_outputs_matching_predict_image(workspace, tmp_path):
     assert not list(out.glob(".*"))  # no leftover temporary files from the atomic writes
 
 
+def test_threshold_outside_the_heads_range_is_one_line(workspace, tmp_path):
+    result = run_cli("predict", workspace["checkpoint"], workspace["single"], "-o", tmp_path / "out", "--threshold", "1.5")
+    assert_one_line_error(result, "--threshold 1.5", "less than 1", "the head's threshold")
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_threshold_option_overrides_tuned_threshold(workspace, tmp_path):
     low, high = tmp_path / "low", tmp_path / "high"
     for folder, threshold in ((low, "0.2"), (high, "0.6")):
@@ -141,7 +147,7 @@ def test_predict_threshold_option_overrides_tuned_threshold(workspace, tmp_path)
     prediction = predict_image(model, tifffile.imread(workspace["single"]).astype(np.float32)[None], precision="auto")
     for folder, threshold in ((low, 0.2), (high, 0.6)):
         labels = tifffile.imread(folder / "single_labels.tif")
-        np.testing.assert_array_equal(labels, segment(model, prediction, threshold))
+        np.testing.assert_array_equal(labels, segment(model, prediction, model.instance_settings.with_threshold(threshold)))
     foreground = {folder: (tifffile.imread(folder / "single_labels.tif") > 0).sum() for folder in (low, high)}
     assert foreground[low] >= foreground[high]
 
@@ -256,7 +262,7 @@ def test_evaluate_writes_json_with_metrics(workspace, tmp_path):
     gts, preds = [], []
     for name in ("img0.tif", "img1.tif"):
         image = tifffile.imread(workspace["images"] / name).astype(np.float32)[None]
-        preds.append(segment(model, predict_image(model, image, precision=precision), 0.3))
+        preds.append(segment(model, predict_image(model, image, precision=precision), model.instance_settings.with_threshold(0.3)))
         gts.append(tifffile.imread(workspace["masks"] / name).astype(np.int32))
     expected = evaluate_segmentation(gts, preds)
     assert data["ap50"] == pytest.approx(expected["ap50"])

@@ -243,9 +243,9 @@ def test_zoo_predict_tiled_equals_direct_prediction(exported, tmp_path, capsys):
     np.testing.assert_allclose(denoised[inner], direct.denoised[0][inner], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(probabilities[(slice(None), *inner)], direct.probabilities[(slice(None), *inner)], atol=1e-5)
     # labels: the package's threshold and the head's post-processing on the package output
-    expected = model.head.instances(probabilities, 0.45)
+    expected = model.head.instances(probabilities, model.instance_settings)  # tuned 0.45
     np.testing.assert_array_equal(labels, expected)
-    assert average_precision(segment(model, direct, 0.45), labels) >= 0.9
+    assert average_precision(segment(model, direct), labels) >= 0.9
 
 
 def test_round_trip_export_import_predict(exported, tmp_path, capsys):
@@ -412,7 +412,7 @@ def test_packaged_imagej_macro_gives_denoiseg_labels(exported, tmp_path):
     )
     assert labels_path.is_file(), result.stdout + result.stderr
     imagej = np.rint(tifffile.imread(labels_path)).astype(np.int64)
-    ours = segment(model, prediction, 0.45)
+    ours = segment(model, prediction)
     assert ours.max() >= 5  # a non-trivial comparison
     assert average_precision(ours, imagej) >= 0.95
     assert (imagej == ours).mean() >= 0.99
