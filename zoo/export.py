@@ -3,7 +3,7 @@
 The package is described with bioimageio.spec's own model classes and holds:
 
 * weights as TorchScript, ONNX and a PyTorch state dict with a self-contained architecture
-  source (see :mod:`denoiseg_zoo.architecture` and :mod:`denoiseg_zoo.weights`);
+  source (see :mod:`denoiseg_zoo.architecture` and :mod:`denoiseg_core.exportability`);
 * one input (batch, channel, [z,] y, x) normalised by ``fixed_zero_mean_unit_variance``
   with the training statistics, sizes ``min + n * step`` from the backbone's size divisor;
 * one output with the denoised channel(s) and the head's channels (activation inside
