@@ -69,7 +69,7 @@ def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, 
     # tuned threshold reproduces the validation AP the threshold was chosen by.
     records = scored_records(load_folder(dataset_2d["val"], require_masks=True))
     scores = evaluate(model, [ScoredImage(r.path.name, r.image, r.labels) for r in records])
-    assert scores["threshold"] == run.threshold
+    assert scores["instance_settings"] == run.instance_settings.model_dump()
     assert scores["ap50"] == run.validation["ap50"]
 
 
