@@ -465,7 +465,7 @@ def evaluate_run(checkpoint: Path, data: Prepared, segmentation: bool) -> dict[s
     return {
         **_test_psnr(denoised, data),
         "psnr_noisy_input": _test_psnr(data.test_images, data)["psnr"],
-        "threshold": model.threshold,
+        "threshold": model.tuned_settings.primary_threshold if model.tuned_settings is not None else None,  # the primary one
         "n_test_images": len(data.test_images),
         **result,
     }

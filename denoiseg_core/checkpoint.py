@@ -1,5 +1,5 @@
-"""Checkpoints: weights plus everything needed to use them (config, normalisation, threshold,
-versions), and for ``last.pt`` the optimizer/scheduler/RNG state to resume training.
+"""Checkpoints: weights plus everything needed to use them (config, normalisation, the tuned
+instance settings, versions), and for ``last.pt`` the optimizer/scheduler/RNG state to resume training.
 
 A checkpoint holds plain data only (dicts, lists, str, int, float, bool, None, tensors), so
 it is read with ``torch.load(weights_only=True)``: a file that needs full unpickling (which
@@ -23,6 +23,7 @@ import torch
 from pydantic import ValidationError
 
 from denoiseg_core import __version__
+from denoiseg_core.components import InstanceSettings
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DataError
@@ -86,7 +87,8 @@ class LoadedModel:
     config: DenoiSegConfig
     built: BuiltModel
     normalization: Normalization
-    threshold: float | None
+    #: the instance settings tuned during training (None: not tuned)
+    tuned_settings: InstanceSettings | None
     ndim: int
     in_channels: int
     versions: dict[str, Any]
@@ -100,6 +102,11 @@ class LoadedModel:
     def head(self):
         return self.built.head
 
+    @property
+    def instance_settings(self) -> InstanceSettings:
+        """The tuned instance settings, else the head's defaults."""
+        return self.tuned_settings if self.tuned_settings is not None else self.built.head.settings()
+
     def inference_net(self) -> InferenceNet:
         net = InferenceNet(self.built.net, self.built.head)
         net.eval()
@@ -112,7 +119,7 @@ def save_checkpoint(
     config: DenoiSegConfig,
     built: BuiltModel,
     normalization: Normalization,
-    threshold: float | None = None,
+    instance_settings: InstanceSettings | None = None,
     epoch: int = 0,
     training_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
@@ -131,7 +138,7 @@ def save_checkpoint(
         "ndim": built.ndim,
         "in_channels": built.in_channels,
         "normalization": normalization.to_dict(),
-        "threshold": threshold,
+        "instance_settings": None if instance_settings is None else instance_settings.model_dump(mode="json"),
         "epoch": epoch,
         "model_state": {k: v.detach().cpu().contiguous() for k, v in model_state.items()},  # plain layout even after channels_last training
         "training_state": training_state,
@@ -256,12 +263,25 @@ def load_checkpoint(path: Path, registry=None) -> LoadedModel:
         config=config,
         built=built,
         normalization=Normalization(**state["normalization"]),
-        threshold=state.get("threshold"),
+        tuned_settings=_stored_settings(state, built.head, path),
         ndim=state["ndim"],
         in_channels=state["in_channels"],
         versions=state.get("versions", {}),
         state=state,
     )
+
+
+def _stored_settings(state: dict[str, Any], head, path: Path) -> InstanceSettings | None:
+    """The tuned instance settings of a checkpoint; one written before heads had settings
+    stores a scalar ``threshold``, which becomes the head's primary threshold."""
+    try:
+        if state.get("instance_settings") is not None:
+            return head.settings.model_validate(state["instance_settings"])
+        if state.get("threshold") is not None:
+            return head.settings().with_threshold(float(state["threshold"]))
+    except ValidationError as exc:
+        raise DataError(f"the checkpoint's instance settings are invalid ({str(exc).splitlines()[0]}: {exc.errors()[0]['msg']})", path) from None
+    return None
 
 
 def load_weights(net: torch.nn.Module, model_state: dict[str, Any], path: Path) -> None:

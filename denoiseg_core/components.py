@@ -8,15 +8,18 @@ factories receive a validated instance of ``params``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+if TYPE_CHECKING:
+    from denoiseg_core.metrics import Tuning
 
 
 class ComponentParams(BaseModel):
@@ -64,6 +67,8 @@ class BackboneSpec:
     description: str = ""
     supported_ndims: tuple[int, ...] = (2, 3)
     architecture: ArchitectureSource | None = None
+    #: bioimage.io tags an exported package gets (e.g. ``("unet",)``)
+    tags: tuple[str, ...] = ()
 
 
 @runtime_checkable
@@ -94,42 +99,130 @@ class MaskingSpec:
     description: str = ""
 
 
+class InstanceSettings(BaseModel):
+    """Base class of a head's instance settings (thresholds and the like), tuned on validation data.
+
+    Strict like component parameters, and every field needs a ``description``. ``primary``
+    names the field a single user-given threshold sets (``denoiseg predict --threshold``,
+    the napari slider); it must be a float field in (0, 1).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    primary: ClassVar[str] = "threshold"
+
+    @property
+    def primary_threshold(self) -> float:
+        """The value of the primary field."""
+        return float(getattr(self, self.primary))
+
+    def with_threshold(self, value: float) -> InstanceSettings:
+        """A copy with the primary field set to ``value`` (validated: a bad value raises ``ValidationError``)."""
+        return type(self).model_validate({**self.model_dump(), self.primary: value})
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``threshold 0.45``."""
+        return ", ".join(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}" for name, value in self)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The training target a head needs per label image.
+
+    ``dtype``: a numpy dtype name (``"int64"`` class indices, ``"float32"`` maps, ...);
+    ``channels``: ``None`` for a target of the label image's shape, ``k`` for ``(k, *shape)``.
+    """
+
+    dtype: str
+    channels: int | None = None
+
+    def shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(spatial) if self.channels is None else (self.channels, *spatial)
+
+
+#: what a head's output channel holds: ``probability`` channels lie in [0, 1]
+CHANNEL_ROLES = ("probability", "distance", "other")
+
+
+@dataclass(frozen=True)
+class OutputChannel:
+    """One segmentation output channel (after the activation): its name, role and meaning."""
+
+    name: str
+    role: str
+    description: str
+
+
+@dataclass(frozen=True)
+class HeadOutputs:
+    """What an exporter needs to know about a head's outputs.
+
+    ``channels``: one :class:`OutputChannel` per segmentation channel, in order.
+    ``activation_code``: one Python expression, using only ``torch`` and the logits tensor
+    ``segmentation`` ``(N, channels, *spatial)``, that computes the same as ``activation()``;
+    it is written into the exported architecture file. ``summary``: one sentence on the
+    channels for a README (e.g. "class probabilities (softmax, they sum to 1)").
+    """
+
+    channels: tuple[OutputChannel, ...]
+    activation_code: str
+    summary: str
+
+
 class SegmentationHead(Protocol):
-    """The segmentation side of the network: targets, loss, activation, instances."""
+    """The segmentation side of the network, its whole life: the training target, loss and
+    activation, instance settings (tuned on validation data) with the instance
+    post-processing, and a description of its outputs for an exporter."""
 
     #: number of segmentation channels the backbone must produce for this head
     num_classes: int
-    #: a name per segmentation channel, e.g. ("background", "foreground", "border")
-    channel_names: tuple[str, ...]
+    #: the training target per label image (the patch sampler allocates batches from it)
+    target: TargetSpec
+    #: the pydantic model of the instance settings
+    settings: type[InstanceSettings]
 
     def targets(self, labels: np.ndarray) -> np.ndarray:
-        """Turn one instance label image (0 = background) into the training target.
-
-        Returns an int64 class-index array of the same shape as ``labels``.
-        """
+        """Turn one instance label image (0 = background) into the training target of ``target``'s
+        dtype and shape."""
         ...
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
         """Segmentation loss of a batch.
 
-        ``logits`` is ``(N, num_classes, *spatial)``, ``targets`` ``(N, *spatial)`` int64,
-        ``labelled`` a bool ``(N,)`` that is False for patches without annotation. Only
-        labelled patches contribute; with none labelled the result is a zero that still
-        belongs to the graph.
+        ``logits`` is ``(N, num_classes, *spatial)``, ``targets`` a batch of ``targets()``
+        ``(N, *target_shape)``, ``labelled`` a bool ``(N,)`` that is False for patches without
+        annotation (their targets hold anything). Only labelled patches contribute; with none
+        labelled the result is a zero that still belongs to the graph.
         """
         ...
 
     def activation(self) -> nn.Module:
-        """A scriptable module turning logits ``(N, num_classes, *spatial)`` into probabilities
+        """A scriptable module turning logits ``(N, num_classes, *spatial)`` into the outputs
         (e.g. ``nn.Softmax(dim=1)``); it is part of the exported network."""
         ...
 
-    def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
-        """Probabilities ``(num_classes, *spatial)`` of one image to an instance label image."""
+    def instances(self, outputs: np.ndarray, settings: InstanceSettings) -> np.ndarray:
+        """Activated outputs ``(num_classes, *spatial)`` of one image to an integer instance label image."""
         ...
 
-    #: foreground-probability thresholds tried when tuning on validation data
-    threshold_candidates: tuple[float, ...]
+    def tune(self, outputs: Sequence[np.ndarray], labels: Sequence[np.ndarray], *, quick: bool = False) -> Tuning:
+        """The settings scoring best on images with known instance ``labels`` (see
+        :func:`denoiseg_core.metrics.tune_by_grid`); ``quick``: a coarser search, for
+        per-epoch validation."""
+        ...
+
+    def outputs(self) -> HeadOutputs:
+        """The description of the outputs (channels, activation as code) for exporters."""
+        ...
+
+    def instances_text(self, settings: InstanceSettings) -> str:
+        """A README paragraph (Markdown) on how instances are made from the outputs with ``settings``."""
+        ...
+
+    def imagej_macro(self, settings: InstanceSettings, denoised_channels: int) -> str | None:
+        """An ImageJ macro computing the instances from an exported model's output (the denoised
+        channels first, then this head's), with ``settings`` written in; ``None`` if there is none."""
+        ...
 
 
 @dataclass(frozen=True)

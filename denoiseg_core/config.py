@@ -82,7 +82,7 @@ class TrainingConfig(StrictModel):
     )
     compile: bool = Field(False, description="torch.compile the network (falls back to eager with a warning if unavailable)")
     validation_batches: int | None = Field(None, ge=1, description="limit validation to this many batches")
-    threshold_tuning: bool = Field(True, description="tune the foreground threshold on validation data after training")
+    threshold_tuning: bool = Field(True, description="tune the head's instance settings (e.g. the foreground threshold) on validation data after training")
     best_metric: Literal["val_loss", "val_ap50", "val_ap50_tuned"] = Field(
         "val_ap50_tuned",
         description="what selects best.pt: highest validation AP@0.5 at the best foreground threshold of that epoch "

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 from torch.utils import data as torch_data
 
+from denoiseg_core.components import TargetSpec
 from denoiseg_core.config import DataConfig
 from denoiseg_core.errors import ConfigError, DataError
 from denoiseg_core.io import TIFF_SUFFIXES, read_image
@@ -444,10 +445,10 @@ def _pad_to(array: np.ndarray, minimum: Sequence[int]) -> np.ndarray:
 class PatchSampler:
     """Random training patches from a set of records.
 
-    Images are normalised once up front, and each labelled record's target map
-    (``targets_fn(labels)``, e.g. the head's 3-class map) is computed once. Images smaller
-    than the patch along some axis are reflect-padded at the end of that axis (the target
-    map the same way).
+    Images are normalised once up front, and each labelled record's target
+    (``targets_fn(labels)``, e.g. the head's 3-class map, of the dtype and shape ``target``
+    declares) is computed once. Images smaller than the patch along some axis are
+    reflect-padded at the end of that axis (the target the same way).
 
     With ``labelled_fraction=None`` every possible patch position in the data set is equally
     likely (the paper's uniform sampling); with a number ``f``, ``round(f * batch_size)``
@@ -460,6 +461,7 @@ class PatchSampler:
         patch_size: Sequence[int],
         normalization: Normalization,
         targets_fn: Callable[[np.ndarray], np.ndarray],
+        target: TargetSpec,
         labelled_fraction: float | None = None,
         augment: bool = True,
         seed: int = 0,
@@ -480,16 +482,19 @@ class PatchSampler:
         self.labelled_fraction = labelled_fraction
         self.augment = augment
         self.seed = seed
+        self.target = target
         self.images: list[np.ndarray] = []
         self.targets: list[np.ndarray | None] = []
         for record in records:
             self.images.append(_pad_to(normalization.normalize(record.image), self.patch_size))
             target = None
             if record.labels is not None:
-                target = np.asarray(targets_fn(record.labels), dtype=np.int64)
-                if target.shape != record.spatial_shape:
+                target = np.asarray(targets_fn(record.labels))
+                expected = self.target.shape(record.spatial_shape)
+                if target.shape != expected or target.dtype != np.dtype(self.target.dtype):
                     raise ValueError(
-                        f"targets_fn returned shape {target.shape} for labels of shape {record.spatial_shape}"
+                        f"targets_fn returned {target.dtype} of shape {target.shape} for labels of shape "
+                        f"{record.spatial_shape}; the head declares {self.target.dtype} of shape {expected}"
                     )
                 target = _pad_to(target, self.patch_size)
             self.targets.append(target)
@@ -523,11 +528,11 @@ class PatchSampler:
         )
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A batch: patches float32 ``(B, C, *P)`` (normalised), targets int64 ``(B, *P)`` (zeros
-        where unlabelled) and a bool ``(B,)`` that is True for labelled patches."""
+        """A batch: patches float32 ``(B, C, *P)`` (normalised), targets ``(B, *target shape)`` of
+        the target's dtype (zeros where unlabelled) and a bool ``(B,)`` that is True for labelled patches."""
         chosen = self._choose_images(batch_size, rng)
         patches = np.empty((batch_size, self.channels, *self.patch_size), dtype=np.float32)
-        targets = np.zeros((batch_size, *self.patch_size), dtype=np.int64)
+        targets = np.zeros((batch_size, *self.target.shape(self.patch_size)), dtype=self.target.dtype)
         labelled = self._labelled[chosen].copy()
         yx = (-2, -1)
         for b, index in enumerate(chosen):
@@ -535,7 +540,7 @@ class PatchSampler:
             corner = [int(rng.integers(0, s - p + 1)) for s, p in zip(image.shape[1:], self.patch_size)]
             window = tuple(slice(c, c + p) for c, p in zip(corner, self.patch_size))
             patch = image[(slice(None), *window)]
-            patch_target = target[window] if target is not None else None
+            patch_target = target[(..., *window)] if target is not None else None
             if self.augment:
                 k = int(rng.choice(self._rotations))
                 flip = bool(rng.integers(2))

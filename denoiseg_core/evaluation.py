@@ -15,10 +15,11 @@ training is scored at the precision it was tuned at, and evaluating a checkpoint
 validation images reproduces the validation AP it was chosen by. ``denoiseg evaluate
 --precision`` overrides it.
 
-Everything that depends on the segmentation head is in four functions: the threshold used when
-none is asked for (:func:`segmentation_threshold`: the tuned one, else 0.5), the head's
-instances at a threshold (:func:`instance_labels`), and the thresholds tried after each epoch
-(:func:`validation_ap50`) and at the end of training (:func:`tune_threshold`).
+Everything that depends on the segmentation head is in four functions: the instance settings
+used (:func:`instance_settings`: the tuned ones, else the head's defaults, with the head's
+primary threshold set by ``--threshold``), the head's instances with them
+(:func:`instance_labels`), and the head's quick tuning after each epoch
+(:func:`validation_ap50`) and full tuning at the end of training (:func:`tune_instance_settings`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-from denoiseg_core.metrics import average_precision, evaluate_segmentation, psnr
+from denoiseg_core.components import InstanceSettings
+from denoiseg_core.errors import ConfigError
+from denoiseg_core.metrics import evaluate_segmentation, mean_ap50, psnr
 from denoiseg_core.model import BuiltModel, InferenceNet
 from denoiseg_core.prediction import Prediction, predict_image
 from denoiseg_core.runtime import fold_batch_norm, resolve_device, resolve_precision
@@ -40,9 +44,6 @@ from denoiseg_core.runtime import fold_batch_norm, resolve_device, resolve_preci
 if TYPE_CHECKING:
     from denoiseg_core.config import DenoiSegConfig
     from denoiseg_core.data import ImageRecord, Normalization
-
-#: the foreground threshold of a model that was never tuned
-DEFAULT_THRESHOLD = 0.5
 
 
 class EvaluatedModel(Protocol):
@@ -52,7 +53,7 @@ class EvaluatedModel(Protocol):
     config: DenoiSegConfig
     built: BuiltModel
     normalization: Normalization
-    threshold: float | None
+    tuned_settings: InstanceSettings | None
     ndim: int
     in_channels: int
 
@@ -67,7 +68,7 @@ class LiveModel:
     config: DenoiSegConfig
     built: BuiltModel
     normalization: Normalization
-    threshold: float | None = None
+    tuned_settings: InstanceSettings | None = None
 
     @classmethod
     def of(cls, config: DenoiSegConfig, built: BuiltModel, net: torch.nn.Module, normalization: Normalization) -> LiveModel:
@@ -140,22 +141,26 @@ class ImagePredictor:
 # --------------------------------------------------------------------------- the head
 
 
-def segmentation_threshold(model: EvaluatedModel, requested: float | None = None) -> float:
-    """The foreground threshold to segment with: ``requested``, else the one tuned during
-    training, else :data:`DEFAULT_THRESHOLD`."""
-    if requested is not None:
-        return float(requested)
-    return float(model.threshold) if model.threshold is not None else DEFAULT_THRESHOLD
+def instance_settings(model: EvaluatedModel, threshold: float | None = None) -> InstanceSettings:
+    """The instance settings to segment with: the ones tuned during training, else the head's
+    defaults; ``threshold`` (``--threshold``) sets the head's primary threshold."""
+    settings = model.tuned_settings if model.tuned_settings is not None else model.built.head.settings()
+    if threshold is None:
+        return settings
+    try:
+        return settings.with_threshold(threshold)
+    except ValidationError as exc:
+        raise ConfigError(f"--threshold {threshold}: {exc.errors()[0]['msg'].lower()} (the head's {settings.primary})") from None
 
 
-def instance_labels(head, probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """The head's instance labels ``(*spatial)`` from its probabilities ``(K, *spatial)`` at ``threshold``."""
-    return head.instances(probabilities, float(threshold))
+def instance_labels(head, outputs: np.ndarray, settings: InstanceSettings) -> np.ndarray:
+    """The head's instance labels ``(*spatial)`` from its outputs ``(K, *spatial)`` with ``settings``."""
+    return head.instances(outputs, settings)
 
 
-def segment(model: EvaluatedModel, prediction: Prediction, threshold: float | None = None) -> np.ndarray:
-    """Instance labels of a prediction at :func:`segmentation_threshold`."""
-    return instance_labels(model.built.head, prediction.probabilities, segmentation_threshold(model, threshold))
+def segment(model: EvaluatedModel, prediction: Prediction, settings: InstanceSettings | None = None) -> np.ndarray:
+    """Instance labels of a prediction with ``settings``, else :func:`instance_settings`."""
+    return instance_labels(model.built.head, prediction.probabilities, settings or instance_settings(model))
 
 
 def scored_records(records: Iterable[ImageRecord]) -> list[ImageRecord]:
@@ -167,49 +172,38 @@ def scored_records(records: Iterable[ImageRecord]) -> list[ImageRecord]:
     return [r for r in records if r.labels is not None and np.any(r.labels)]
 
 
-def _ap50_by_threshold(
-    model: EvaluatedModel, records: Sequence[ImageRecord], thresholds: Sequence[float], device, precision: str | None
-) -> list[float]:
-    """Mean AP@0.5 over ``records`` at each threshold, from one prediction of each image."""
+def _outputs_and_labels(
+    model: EvaluatedModel, records: Sequence[ImageRecord], device, precision: str | None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The head's outputs of each record's image (one prediction each) and its labels."""
     predict = ImagePredictor(model, device=device, precision=precision)
-    probabilities = [predict(r.image).probabilities for r in records]
-    head = model.built.head
-    return [
-        float(np.mean([average_precision(r.labels, instance_labels(head, p, t)) for r, p in zip(records, probabilities)]))
-        for t in thresholds
-    ]
+    return [predict(r.image).probabilities for r in records], [r.labels for r in records]
 
 
 def validation_ap50(
     model: EvaluatedModel, records: Sequence[ImageRecord], *, device=None, precision: str | None = None
 ) -> dict[str, float]:
     """The validation scores of an epoch: mean AP@0.5 over ``records`` (see :func:`scored_records`)
-    at :data:`DEFAULT_THRESHOLD` (``val_ap50``) and at the best of every other threshold
-    candidate of the head (``val_ap50_tuned`` at ``val_threshold``; the final tuning tries all)."""
-    candidates = sorted(set(model.built.head.threshold_candidates[::2]) | {DEFAULT_THRESHOLD})
-    scores = _ap50_by_threshold(model, records, candidates, device, precision)
-    best = int(np.argmax(scores))
+    with the head's default settings (``val_ap50``) and with the best of the head's quick
+    tuning (``val_ap50_tuned``, its primary threshold ``val_threshold``; the final tuning searches finer)."""
+    head = model.built.head
+    outputs, labels = _outputs_and_labels(model, records, device, precision)
+    tuning = head.tune(outputs, labels, quick=True)
+    scores, default = dict(tuning.table), head.settings()
     return {
-        "val_ap50": scores[candidates.index(DEFAULT_THRESHOLD)],
-        "val_ap50_tuned": scores[best],
-        "val_threshold": float(candidates[best]),
+        "val_ap50": scores[default] if default in scores else mean_ap50(head, default, outputs, labels),
+        "val_ap50_tuned": tuning.score,
+        "val_threshold": tuning.settings.primary_threshold,
     }
 
 
-def tune_threshold(
+def tune_instance_settings(
     model: EvaluatedModel, records: Sequence[ImageRecord], *, device=None, precision: str | None = None
-) -> tuple[float, dict[str, Any]]:
-    """The foreground threshold maximising mean AP@0.5 over ``records`` among all the head's
-    candidates, and a summary (``ap50`` at it, ``n_images``, ``thresholds``, ``ap50_per_threshold``)."""
-    candidates = [float(t) for t in model.built.head.threshold_candidates]
-    scores = _ap50_by_threshold(model, records, candidates, device, precision)
-    best = int(np.argmax(scores))
-    return candidates[best], {
-        "ap50": scores[best],
-        "n_images": len(records),
-        "thresholds": candidates,
-        "ap50_per_threshold": scores,
-    }
+) -> tuple[InstanceSettings, dict[str, Any]]:
+    """The head's instance settings maximising mean AP@0.5 over ``records`` (the head's ``tune``),
+    and a summary (``ap50`` at them, ``settings``, ``candidates``, ``ap50_per_candidate``, ``n_images``)."""
+    tuning = model.built.head.tune(*_outputs_and_labels(model, records, device, precision))
+    return tuning.settings, {**tuning.summary(), "n_images": len(records)}
 
 
 # --------------------------------------------------------------------------- scoring
@@ -226,20 +220,20 @@ def evaluate(
     precision: str | None = None,
     on_prediction: Callable[[ScoredImage, Prediction, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
-    """Predict, segment (at :func:`segmentation_threshold`) and score every image.
+    """Predict, segment (with :func:`instance_settings`) and score every image.
 
     Returns :func:`~denoiseg_core.metrics.evaluate_segmentation`'s results plus the
-    ``threshold`` and ``precision`` used, and, over the images with a noise-free version,
+    ``instance_settings`` and ``precision`` used, and, over the images with a noise-free version,
     ``psnr`` of the denoised and ``psnr_input`` of the raw image (also per image).
     ``images`` may be a generator (read one at a time); ``on_prediction(image,
     prediction, labels)`` is called for each (e.g. to write the outputs).
     """
     predict = ImagePredictor(model, tile=tile, batch_size=batch_size, device=device, precision=precision)
-    used_threshold = segmentation_threshold(model, threshold)
+    settings = instance_settings(model, threshold)
     names, masks, predictions, psnrs = [], [], [], []
     for scored in images:
         prediction = predict(scored.image)
-        labels = instance_labels(model.built.head, prediction.probabilities, used_threshold)
+        labels = instance_labels(model.built.head, prediction.probabilities, settings)
         names.append(scored.name)
         masks.append(scored.mask)
         predictions.append(labels)
@@ -248,7 +242,7 @@ def evaluate(
         if on_prediction is not None:
             on_prediction(scored, prediction, labels)
     results = evaluate_segmentation(masks, predictions, names=names)
-    results.update(threshold=used_threshold, precision=predict.precision)
+    results.update(instance_settings=settings.model_dump(mode="json"), precision=predict.precision)
     for index, denoised_db, input_db in psnrs:
         results["per_image"][index].update(psnr=denoised_db, psnr_input=input_db)
     if psnrs:

@@ -65,7 +65,7 @@ def denoiseg_loss(
         original: the unmasked (noisy, normalised) input patches, same shape.
         loss_mask: bool, True at the blind-spot pixels, same shape.
         seg_logits: segmentation logits, ``(N, head.num_classes, *spatial)``.
-        targets: class targets from ``head.targets``, ``(N, *spatial)`` int64.
+        targets: a batch of ``head.targets``, ``(N, *target shape)`` of the dtype ``head.target`` declares.
         labelled: bool ``(N,)``, False for patches without annotation.
         head: the segmentation head providing the segmentation loss.
         alpha: weight of the denoising term, in [0, 1].

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment
+
+if TYPE_CHECKING:
+    from denoiseg_core.components import InstanceSettings, SegmentationHead
 
 # rounded so that e.g. 0.65 is exactly 0.65 and not 0.6499999 (IoU must be strictly above it)
 DEFAULT_THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
@@ -215,3 +219,44 @@ def format_table(results: dict) -> str:
     rule = "-" * len(line(header))
     note = "SEG: mean over images with objects of each image's CTC SEG (as the DenoiSeg paper); pooled: over all objects"
     return "\n".join([line(header), rule, *map(line, rows), rule, line(summary), line(pooled), note])
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What tuning found: the best ``settings``, their ``score`` (mean AP@0.5) and every
+    candidate tried with its score (``table``: ``(settings, score)`` pairs, in order)."""
+
+    settings: InstanceSettings
+    score: float
+    table: tuple[tuple[InstanceSettings, float], ...]
+
+    def summary(self) -> dict:
+        """A JSON-ready record (e.g. a checkpoint's validation entry)."""
+        return {
+            "ap50": self.score,
+            "settings": self.settings.model_dump(mode="json"),
+            "candidates": [s.model_dump(mode="json") for s, _ in self.table],
+            "ap50_per_candidate": [score for _, score in self.table],
+        }
+
+
+def mean_ap50(
+    head: SegmentationHead, settings: InstanceSettings, outputs: Sequence[np.ndarray], labels: Sequence[np.ndarray]
+) -> float:
+    """Mean AP@0.5 of the head's instances with ``settings`` over images with known ``labels``."""
+    return float(np.mean([average_precision(truth, head.instances(out, settings)) for out, truth in zip(outputs, labels)]))
+
+
+def tune_by_grid(
+    head: SegmentationHead,
+    candidates: Sequence[InstanceSettings],
+    outputs: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+) -> Tuning:
+    """The candidate settings with the highest mean AP@0.5 of ``head.instances`` over the
+    images (the first one on a tie), for a head's ``tune``."""
+    if not candidates or not outputs or len(outputs) != len(labels):
+        raise ValueError(f"tuning needs candidates and one label image per output ({len(outputs)} outputs, {len(labels)} labels)")
+    scores = [mean_ap50(head, settings, outputs, labels) for settings in candidates]
+    best = int(np.argmax(scores))
+    return Tuning(settings=candidates[best], score=scores[best], table=tuple(zip(candidates, scores)))

@@ -30,9 +30,11 @@ What is checked (see each function for details):
 * masking strategies: shapes, dtypes and device, the input left unmodified, a sensible
   blind-spot fraction in every patch spread over the whole patch, blind spots actually
   hidden, pixels away from blind spots untouched, determinism under a seeded generator;
-* heads: targets of a hand-made label image, the loss (zero but differentiable for an
-  unlabelled batch, only labelled patches counting), a scriptable activation giving
-  probabilities, and instances recovered as integer labels from perfect probabilities.
+* heads: the declared outputs and targets of a hand-made label image, the loss (zero but
+  differentiable for an unlabelled batch, only labelled patches counting), a scriptable
+  activation that the described activation code reproduces, strict instance settings, and
+  instances recovered as integer labels, with default and tuned settings, from logits
+  fitted to the targets.
 """
 
 from __future__ import annotations
@@ -49,13 +51,17 @@ from torch import nn
 
 from denoiseg_core import exportability
 from denoiseg_core.components import (
+    CHANNEL_ROLES,
     BackboneSpec,
     ComponentParams,
     ComponentSpec,
+    HeadOutputs,
     HeadSpec,
+    InstanceSettings,
     MaskingSpec,
     RegisteredComponent,
     SemiSupervisedSpec,
+    TargetSpec,
 )
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.plugin_manager import KINDS, Registry, get_registry
@@ -503,66 +509,127 @@ def check_head(
     ndims: Sequence[int] = (2, 3),
     registry: Registry | None = None,
 ) -> None:
-    """Targets, loss, activation and instance post-processing of a segmentation head.
+    """The whole life of a segmentation head, on a hand-made label image (three separate
+    objects, non-consecutive ids, 2D and 3D).
 
-    On a hand-made label image (three separate objects, non-consecutive ids, 2D and 3D):
-    targets are int64 class indices of the label image's shape, constant on background
-    far from objects and different inside objects, and the labels are not modified. The
-    loss is a differentiable zero for a batch without labelled patches, positive for a
-    labelled one, ignores unlabelled patches and prefers correct logits. The activation
-    is scriptable and gives probabilities. Instances of perfect (one-hot target)
-    probabilities are integer labels matching the three objects (IoU > 0.5), and all
-    background gives no instance.
+    * outputs: one described channel (name, role, meaning) per segmentation channel;
+    * targets: of the dtype and shape the head declares (``target``), the label image left
+      unmodified, the same on background far from objects and different inside objects,
+      class indices in range when they are class indices (an integer target without channels);
+    * loss: a differentiable zero for a batch without labelled patches, positive for a
+      labelled one, ignoring unlabelled patches;
+    * activation: scriptable, shape-preserving, ``probability`` channels in [0, 1], and the
+      described ``activation_code`` (what an exporter writes) computes the same;
+    * instance settings: a strict, documented pydantic model whose primary field takes a
+      threshold in (0, 1);
+    * instances and tuning: logits fitted to the targets by minimising the head's own loss
+      (which must lower it) give integer instances matching the three objects (IoU > 0.5)
+      with the default and with the tuned settings; outputs fitted to an empty label image
+      give no instance;
+    * the README paragraph and the optional ImageJ macro render with the default settings.
     """
     spec: HeadSpec = resolve_spec("head", component, registry)
     params = check_params(spec, params)
     head = spec.build(params)
-    n_classes = head.num_classes
-    _require(isinstance(n_classes, int) and n_classes >= 1, spec, f"num_classes must be an int >= 1, got {n_classes!r}")
-    _require(
-        len(head.channel_names) == n_classes and all(isinstance(n, str) for n in head.channel_names),
-        spec,
-        f"channel_names {head.channel_names!r} must be {n_classes} strings",
-    )
-    thresholds = tuple(head.threshold_candidates)
-    _require(
-        bool(thresholds) and all(0 < float(t) < 1 for t in thresholds),
-        spec,
-        f"threshold_candidates must be a non-empty tuple of numbers in (0, 1), got {thresholds!r}",
-    )
-    _check_activation(spec, head)
+    n_channels = head.num_classes
+    _require(isinstance(n_channels, int) and n_channels >= 1, spec, f"num_classes must be an int >= 1, got {n_channels!r}")
+    outputs = head.outputs()
+    _require(isinstance(outputs, HeadOutputs), spec, f"outputs() returned {type(outputs).__name__}, not HeadOutputs")
+    _require(len(outputs.channels) == n_channels, spec, f"outputs() describes {len(outputs.channels)} channels, num_classes is {n_channels}")
+    for channel in outputs.channels:
+        _require(channel.name.isidentifier(), spec, f"channel name {channel.name!r} is not an identifier")
+        _require(channel.role in CHANNEL_ROLES, spec, f"channel {channel.name!r}: role {channel.role!r} is not one of {CHANNEL_ROLES}")
+        _require(bool(channel.description), spec, f"channel {channel.name!r} has no description")
+    _require(len({c.name for c in outputs.channels}) == n_channels, spec, "channel names are not unique")
+    _require(isinstance(head.target, TargetSpec), spec, f"target must be a TargetSpec, got {head.target!r}")
+    settings = _check_settings_model(spec, head)
+    _check_activation(spec, head, outputs)
     for ndim in ndims:
         labels = _hand_made_labels(ndim)
         targets = _check_targets(spec, head, labels)
         _check_loss(spec, head, targets)
-        _check_instances(spec, head, labels, targets, thresholds)
+        fitted = _fitted_outputs(spec, head, targets)
+        _check_instances(spec, head, labels, fitted, settings, "default settings")
+        tuning = head.tune([fitted], [labels])
+        _require(isinstance(tuning.settings, head.settings), spec, f"{ndim}D: tune() returned settings of {type(tuning.settings).__name__}")
+        _require(
+            bool(tuning.table) and tuning.score == max(score for _, score in tuning.table),
+            spec,
+            f"{ndim}D: tune() must report the candidates it tried and pick the best-scoring one",
+        )
+        _check_instances(spec, head, labels, fitted, tuning.settings, "tuned settings")
+        empty = _fitted_outputs(spec, head, head.targets(np.zeros_like(labels)))
+        nothing = head.instances(empty, settings)
+        _require(not np.any(nothing), spec, f"{ndim}D instances: outputs fitted to an empty label image gave instances")
+    text = head.instances_text(settings)
+    _require(isinstance(text, str) and bool(text.strip()), spec, "instances_text() must describe how instances are made")
+    macro = head.imagej_macro(settings, 1)
+    _require(macro is None or (isinstance(macro, str) and bool(macro.strip())), spec, "imagej_macro() must return None or the macro")
+
+
+def _check_settings_model(spec: HeadSpec, head: Any) -> InstanceSettings:
+    model = head.settings
+    _require(
+        isinstance(model, type) and issubclass(model, InstanceSettings),
+        spec,
+        f"settings must be an InstanceSettings subclass, got {model!r}",
+    )
+    try:
+        settings = model()
+    except ValidationError as exc:
+        raise ConformanceError(f"head {spec.name!r}: default instance settings do not validate: {exc}") from None
+    for name, field in model.model_fields.items():
+        _require(bool(field.description), spec, f"instance setting {name!r} has no description")
+    _require(model.model_validate_json(settings.model_dump_json()) == settings, spec, "instance settings do not survive JSON")
+    try:
+        model.model_validate({**settings.model_dump(), "no_such_setting_": 1})
+    except ValidationError:
+        pass
+    else:
+        raise ConformanceError(f"head {spec.name!r}: instance settings accept unknown keys")
+    _require(model.primary in model.model_fields, spec, f"primary {model.primary!r} is not an instance setting")
+    _require(
+        0 < settings.primary_threshold < 1 and settings.with_threshold(0.25).primary_threshold == 0.25,
+        spec,
+        f"the primary setting {model.primary!r} must take a threshold in (0, 1)",
+    )
+    return settings
 
 
 def _check_targets(spec: HeadSpec, head: Any, labels: np.ndarray) -> np.ndarray:
     original = labels.copy()
     targets = head.targets(labels)
     where = f"{labels.ndim}D labels"
+    declared = head.target
     _require(np.array_equal(labels, original), spec, f"{where}: targets() modified the label image")
     _require(isinstance(targets, np.ndarray), spec, f"{where}: targets() returned {type(targets).__name__}")
-    _require(targets.shape == labels.shape, spec, f"{where}: targets shape {targets.shape}, labels {labels.shape}")
-    _require(targets.dtype == np.int64, spec, f"{where}: targets dtype {targets.dtype}, expected int64")
     _require(
-        targets.min() >= 0 and targets.max() < head.num_classes,
+        targets.shape == declared.shape(labels.shape),
         spec,
-        f"{where}: target classes outside [0, {head.num_classes})",
+        f"{where}: targets shape {targets.shape}, the head declares {declared.shape(labels.shape)}",
     )
+    _require(
+        targets.dtype == np.dtype(declared.dtype), spec, f"{where}: targets dtype {targets.dtype}, the head declares {declared.dtype}"
+    )
+    if declared.channels is None and np.issubdtype(targets.dtype, np.integer):  # class indices
+        _require(
+            targets.min() >= 0 and targets.max() < head.num_classes,
+            spec,
+            f"{where}: target classes outside [0, {head.num_classes})",
+        )
     from scipy import ndimage
 
     far_background = ~ndimage.binary_dilation(labels > 0, iterations=3)
     interior = ndimage.binary_erosion(labels > 0, iterations=3)
-    background_classes = np.unique(targets[far_background])
+    per_pixel = targets.reshape(-1, *labels.shape)  # (channels or 1, *spatial)
+    background_values = np.unique(per_pixel[:, far_background], axis=1)
     _require(
-        len(background_classes) == 1, spec, f"{where}: background far from objects has classes {background_classes}"
+        background_values.shape[1] == 1, spec, f"{where}: background far from objects has {background_values.shape[1]} different targets"
     )
     _require(
-        not np.isin(targets[interior], background_classes).any(),
+        not np.all(per_pixel[:, interior] == background_values, axis=0).any(),
         spec,
-        f"{where}: object interiors get the background class {background_classes[0]}",
+        f"{where}: object interiors get the background's target",
     )
     other = head.targets(labels.astype(np.int32))
     _require(np.array_equal(other, targets), spec, f"{where}: targets depend on the label dtype")
@@ -570,11 +637,11 @@ def _check_targets(spec: HeadSpec, head: Any, labels: np.ndarray) -> np.ndarray:
 
 
 def _check_loss(spec: HeadSpec, head: Any, targets: np.ndarray) -> None:
-    where = f"{targets.ndim}D loss"
-    n_classes = head.num_classes
+    spatial = _target_spatial_shape(targets, head)
+    where = f"{len(spatial)}D loss"
     batch_targets = torch.from_numpy(np.stack([targets, targets]))
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn((2, n_classes, *targets.shape), generator=generator).requires_grad_(True)
+    logits = torch.randn((2, head.num_classes, *spatial), generator=generator).requires_grad_(True)
 
     loss = head.loss(logits, batch_targets, torch.tensor([False, False]))
     _require(isinstance(loss, torch.Tensor) and loss.ndim == 0, spec, f"{where}: loss must be a scalar tensor")
@@ -600,12 +667,39 @@ def _check_loss(spec: HeadSpec, head: Any, targets: np.ndarray) -> None:
     _require(bool(logits.grad[0].abs().sum() > 0), spec, f"{where}: no gradient reaches the labelled patch")
     _require(not logits.grad[1].abs().sum(), spec, f"{where}: the unlabelled patch contributes to the gradient")
 
-    one_hot = nn.functional.one_hot(batch_targets, n_classes).movedim(-1, 1).float()
-    good = head.loss(one_hot * 20 - 10, batch_targets, torch.tensor([True, True]))
-    _require(float(good.detach()) < float(loss.detach()), spec, f"{where}: correct logits do not lower the loss")
+
+def _target_spatial_shape(targets: np.ndarray, head: Any) -> tuple[int, ...]:
+    """The spatial shape of one image's targets."""
+    return targets.shape if head.target.channels is None else targets.shape[1:]
 
 
-def _check_activation(spec: HeadSpec, head: Any) -> None:
+#: sign-gradient steps when fitting free logits to targets (logits move up to 6, enough for near-perfect outputs)
+_FIT_STEPS = 60
+
+
+def _fitted_outputs(spec: HeadSpec, head: Any, targets: np.ndarray) -> np.ndarray:
+    """Activated outputs ``(channels, *spatial)`` of free per-pixel logits fitted to ``targets``
+    by minimising the head's loss: what a perfectly trained network would give."""
+    spatial = _target_spatial_shape(targets, head)
+    batch = torch.from_numpy(targets[None])
+    labelled = torch.tensor([True])
+    logits = torch.zeros((1, head.num_classes, *spatial), requires_grad=True)
+    with torch.no_grad():
+        start = float(head.loss(logits, batch, labelled))
+    # Every pixel's logits are free, so each follows the sign of its own gradient (a mean over
+    # pixels makes plain gradient steps tiny); the step shrinks so soft targets are met closely.
+    for step in range(_FIT_STEPS):
+        (gradient,) = torch.autograd.grad(head.loss(logits, batch, labelled), logits)
+        with torch.no_grad():
+            logits -= 0.2 * (1 - step / _FIT_STEPS) * gradient.sign()
+    with torch.no_grad():
+        final = float(head.loss(logits, batch, labelled))
+    _require(final < 0.5 * start, spec, f"{len(spatial)}D loss: fitting logits to the targets lowers the loss only from {start:.4g} to {final:.4g}")
+    with torch.no_grad():
+        return head.activation()(logits.detach())[0].numpy()
+
+
+def _check_activation(spec: HeadSpec, head: Any, outputs: HeadOutputs) -> None:
     activation = head.activation()
     _require(isinstance(activation, nn.Module), spec, f"activation() returned {type(activation).__name__}")
     try:
@@ -614,26 +708,38 @@ def _check_activation(spec: HeadSpec, head: Any) -> None:
         raise ConformanceError(
             f"head {spec.name!r}: activation is not scriptable: {type(exc).__name__}: {exc}"
         ) from None
+    probability = [i for i, c in enumerate(outputs.channels) if c.role == "probability"]
     for spatial in ((6, 7), (3, 4, 5)):
         logits = torch.randn(2, head.num_classes, *spatial) * 5
         with torch.no_grad():
-            probs = activation(logits)
-            _require(tuple(probs.shape) == tuple(logits.shape), spec, "activation changes the shape")
+            activated = activation(logits)
+            _require(tuple(activated.shape) == tuple(logits.shape), spec, "activation changes the shape")
+            chosen = activated[:, probability]
             _require(
-                bool((probs >= 0).all() and (probs <= 1).all()),
+                bool((chosen >= 0).all() and (chosen <= 1).all()),
                 spec,
-                "activation output is not in [0, 1] (probabilities)",
+                "activation output of a probability channel is not in [0, 1]",
             )
-            _require(_close(scripted(logits), probs), spec, "scripted activation differs from eager")
+            _require(_close(scripted(logits), activated), spec, "scripted activation differs from eager")
+            try:
+                # the expression an exporter writes into the architecture file, evaluated as there
+                coded = eval(outputs.activation_code, {"torch": torch}, {"segmentation": logits})  # noqa: S307
+            except Exception as exc:
+                raise ConformanceError(
+                    f"head {spec.name!r}: activation_code {outputs.activation_code!r} fails: {type(exc).__name__}: {exc}"
+                ) from None
+            _require(
+                isinstance(coded, torch.Tensor) and _close(coded, activated),
+                spec,
+                f"activation_code {outputs.activation_code!r} computes something else than activation()",
+            )
 
 
 def _check_instances(
-    spec: HeadSpec, head: Any, labels: np.ndarray, targets: np.ndarray, thresholds: tuple[float, ...]
+    spec: HeadSpec, head: Any, labels: np.ndarray, outputs: np.ndarray, settings: InstanceSettings, which: str
 ) -> None:
-    where = f"{labels.ndim}D instances"
-    probabilities = np.moveaxis(np.eye(head.num_classes, dtype=np.float32)[targets], -1, 0)
-    threshold = float(np.median(thresholds))
-    instances = head.instances(probabilities, threshold)
+    where = f"{labels.ndim}D instances ({which})"
+    instances = head.instances(outputs, settings)
     _require(isinstance(instances, np.ndarray), spec, f"{where}: instances() returned {type(instances).__name__}")
     _require(instances.shape == labels.shape, spec, f"{where}: shape {instances.shape}, expected {labels.shape}")
     _require(
@@ -645,7 +751,7 @@ def _check_instances(
     _require(
         len(found) == len(truth),
         spec,
-        f"{where}: perfect probabilities gave {len(found)} instances, expected {len(truth)}",
+        f"{where}: outputs fitted to the targets gave {len(found)} instances, expected {len(truth)}",
     )
     for label in truth:
         obj = labels == label
@@ -653,10 +759,6 @@ def _check_instances(
         best = ids[np.argmax(counts)]
         iou = np.sum(obj & (instances == best)) / np.sum(obj | (instances == best))
         _require(best != 0 and iou > 0.5, spec, f"{where}: object {label} is not recovered (IoU {iou:.2f})")
-    empty = np.zeros_like(probabilities)
-    empty[0] = 1.0
-    nothing = head.instances(empty, threshold)
-    _require(not np.any(nothing), spec, f"{where}: all-background probabilities gave instances")
 
 
 # --------------------------------------------------------------------------- semi-supervised objectives

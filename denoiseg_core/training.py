@@ -4,8 +4,8 @@ One step: sample a batch of patches (some labelled), mask blind spots, run the n
 and minimise ``alpha * N2V masked MSE + (1 - alpha) * class-weighted cross-entropy``
 (see :mod:`denoiseg_core.losses`). After every epoch: validation losses and AP, the CSV
 log and the curves PNG, ``last.pt`` (with everything needed to resume) and ``best.pt``.
-After the last epoch the foreground threshold is tuned on the validation images and
-stored in both checkpoints. The loop is here; what it carries from epoch to epoch and
+After the last epoch the head's instance settings (e.g. the foreground threshold) are
+tuned on the validation images and stored in both checkpoints. The loop is here; what it carries from epoch to epoch and
 saves to resume (weights, their moving average, optimizer, random streams, best values)
 is :mod:`denoiseg_core.training_state`, what it shows and writes about itself (progress
 bar, ``log.csv``, ``training_curves.png``) :mod:`denoiseg_core.training_report`, and how
@@ -34,6 +34,7 @@ import torch
 
 from denoiseg_core.checkpoint import read_checkpoint_state, read_package_state
 from denoiseg_core.config import DenoiSegConfig, save_config, validate_components
+from denoiseg_core.components import InstanceSettings
 from denoiseg_core.data import (
     ImageRecord,
     Normalization,
@@ -43,7 +44,7 @@ from denoiseg_core.data import (
     load_training_data,
 )
 from denoiseg_core.errors import ConfigError, DenoiSegError
-from denoiseg_core.evaluation import LiveModel, run_precision, scored_records, tune_threshold, validation_ap50
+from denoiseg_core.evaluation import LiveModel, run_precision, scored_records, tune_instance_settings, validation_ap50
 from denoiseg_core.losses import denoiseg_loss
 from denoiseg_core.model import BuiltModel, build_model
 from denoiseg_core.plugin_manager import get_registry, plugin_versions
@@ -78,7 +79,8 @@ class TrainingRun:
     best_checkpoint: Path
     last_checkpoint: Path
     history: list[dict[str, float]]
-    threshold: float | None
+    #: the tuned instance settings (None: not tuned)
+    instance_settings: InstanceSettings | None
     validation: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,6 +156,7 @@ class Trainer:
             config.data.patch_size,
             self.normalization,
             self.built.head.targets,
+            self.built.head.target,
             labelled_fraction=config.training.labelled_fraction,
             augment=config.training.augment,
             seed=config.seed,
@@ -163,6 +166,7 @@ class Trainer:
             config.data.patch_size,
             self.normalization,
             self.built.head.targets,
+            self.built.head.target,
             labelled_fraction=None,
             augment=False,
             seed=config.seed + 1,
@@ -266,7 +270,7 @@ class Trainer:
             self.state.best.value = adopt_newer_best(self.run_dir, self.epoch, self.state.best.value, self.log)
             self.report.write(self.history)  # a kill after last.pt but before log.csv lost the last row
 
-    def _save(self, name: str, threshold: float | None = None, extra: dict | None = None, epoch: int | None = None) -> Path:
+    def _save(self, name: str, settings: InstanceSettings | None = None, extra: dict | None = None, epoch: int | None = None) -> Path:
         path = self.run_dir / name
         self.state.save(
             path,
@@ -274,7 +278,7 @@ class Trainer:
             built=self.built,
             normalization=self.normalization,
             resumable=name == "last.pt",
-            threshold=threshold,
+            instance_settings=settings,
             extra=extra,
             epoch=epoch,  # default the current epoch; best.pt after tuning keeps its own
         )
@@ -500,29 +504,29 @@ class Trainer:
 
     def _finish(self) -> TrainingRun:
         best_path = self.run_dir / "best.pt"
-        if not self.is_main:  # rank 0 tunes the threshold and writes the final checkpoints
+        if not self.is_main:  # rank 0 tunes the instance settings and writes the final checkpoints
             return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, None, {})
         if not best_path.exists():  # e.g. resumed a finished run
             self._save("best.pt")
         best_state = read_checkpoint_state(best_path)
-        threshold, validation = None, {}
+        settings, validation = None, {}
         if self.config.training.threshold_tuning and scored_records(self.val_records):
-            # Tune with the best weights, then restore the last ones (both checkpoints get the threshold).
+            # Tune with the best weights, then restore the last ones (both checkpoints get the settings).
             last_weights = {k: v.clone() for k, v in self.eval_net.state_dict().items()}
             self.eval_net.load_state_dict(best_state["model_state"])
-            threshold, validation = tune_threshold(
+            settings, validation = tune_instance_settings(
                 self.live_model(), scored_records(self.val_records), device=self.device, precision=self.precision
             )
-            self.log(f"foreground threshold tuned on {validation['n_images']} validation images: {threshold:.2f} (AP@0.5 {validation['ap50']:.3f})")
+            self.log(f"instance settings tuned on {validation['n_images']} validation images: {settings.describe()} (AP@0.5 {validation['ap50']:.3f})")
             self._save(
                 "best.pt",
-                threshold=threshold,
+                settings=settings,
                 extra={**(best_state.get("extra") or {}), "validation": validation},
                 epoch=int(best_state["epoch"]),  # not the last epoch: these are the best epoch's weights
             )
             self.eval_net.load_state_dict(last_weights)
-        self._save("last.pt", threshold=threshold, extra={"validation": validation})
-        return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, threshold, validation)
+        self._save("last.pt", settings=settings, extra={"validation": validation})
+        return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, settings, validation)
 
 
 def train(

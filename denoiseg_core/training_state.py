@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from denoiseg_core.checkpoint import load_weights, save_checkpoint
+from denoiseg_core.components import InstanceSettings
 from denoiseg_core.config import DenoiSegConfig, TrainingConfig
 from denoiseg_core.data import Normalization
 from denoiseg_core.model import BuiltModel
@@ -167,7 +168,7 @@ class TrainingState:
         built: BuiltModel,
         normalization: Normalization,
         resumable: bool,
-        threshold: float | None = None,
+        instance_settings: InstanceSettings | None = None,
         extra: dict | None = None,
         epoch: int | None = None,
     ) -> None:
@@ -178,7 +179,7 @@ class TrainingState:
             config=config,
             built=built,
             normalization=normalization,
-            threshold=threshold,
+            instance_settings=instance_settings,
             epoch=self.epoch if epoch is None else epoch,
             training_state=self._resumable() if resumable else None,
             extra=extra,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from denoiseg_core.errors import DataError, DenoiSegError
-from denoiseg_core.evaluation import instance_labels, segmentation_threshold
+from denoiseg_core.evaluation import instance_labels, instance_settings
 from denoiseg_core.prediction import choose_tile, predict_array, tile_plan
 from denoiseg_core.runtime import resolve_device
 
@@ -70,7 +70,8 @@ class RunPredictor:
             raise DenoiSegError("no best.pt in the run folder (has an epoch finished?)", source)
         self.model = load_checkpoint(checkpoint)
         self.ndim = self.model.ndim
-        self.threshold = segmentation_threshold(self.model)
+        self.settings = instance_settings(self.model)
+        self.threshold = self.settings.primary_threshold
         if self.model.in_channels != 1:
             raise DenoiSegError(f"the model expects {self.model.in_channels} channels; the viewer widget predicts single-channel layers", source)
 
@@ -97,7 +98,7 @@ class RunPredictor:
         return model.normalization.denormalize(output[:1])[0], output[1:]
 
     def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
-        return instance_labels(self.model.head, probabilities, threshold)
+        return instance_labels(self.model.head, probabilities, self.settings.with_threshold(threshold))
 
 
 class PackagePredictor:
@@ -110,14 +111,12 @@ class PackagePredictor:
         self.descr = load_runnable(self.source)
         self.ndim = len(input_layout(self.descr).spatial_ids)
         self.section: dict[str, Any] | None = denoiseg_section(self.descr)
-        self.threshold = float(self.section["threshold"]) if self.section else None
-        self.head = None
+        self.head = self.settings = self.threshold = None
         if self.section:
-            from denoiseg_core.plugin_manager import get_registry
+            from denoiseg_zoo.runtime import package_head
 
-            head_info = self.section["head"]
-            spec = get_registry().spec("head", head_info["name"])
-            self.head = spec.build(spec.params.model_validate(head_info.get("params") or {}))
+            self.head, self.settings = package_head(self.section)
+            self.threshold = self.settings.primary_threshold
         self.pipeline = create_pipeline(self.descr)
 
     def tiles(self, spatial: Sequence[int]) -> int:
@@ -131,8 +130,9 @@ class PackagePredictor:
         return outputs
 
     def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
+        """Instances with the package's settings, the head's primary threshold set to ``threshold``."""
         assert self.head is not None
-        return instance_labels(self.head, probabilities, threshold)
+        return instance_labels(self.head, probabilities, self.settings.with_threshold(threshold))
 
     def close(self) -> None:
         self.pipeline.unload()

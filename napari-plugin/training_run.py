@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from denoiseg_core.components import InstanceSettings
 from denoiseg_core.checkpoint import read_checkpoint_state
 from denoiseg_core.cli.demo import DEMO_OVERRIDES
 from denoiseg_core.config import DenoiSegConfig, load_config
@@ -67,7 +68,7 @@ class TrainingOutcome:
     run_dir: Path
     finished: bool  # False: stopped; last.pt holds the last finished epoch (if any)
     epochs_done: int
-    threshold: float | None = None
+    instance_settings: InstanceSettings | None = None  # tuned after the last epoch
 
 
 class WidgetTrainer(Trainer):
@@ -182,4 +183,4 @@ def run_training(
         callbacks.message(f"stopped after epoch {trainer.epoch} (press Continue to resume)")
         return TrainingOutcome(run_dir, finished=False, epochs_done=completed_epochs(run_dir) or 0)
     trainer.report_epochs()
-    return TrainingOutcome(run_dir, finished=True, epochs_done=trainer.epoch, threshold=result.threshold)
+    return TrainingOutcome(run_dir, finished=True, epochs_done=trainer.epoch, instance_settings=result.instance_settings)

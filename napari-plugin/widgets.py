@@ -436,8 +436,8 @@ class TrainWidget(QWidget):
         _recent_run["run"] = outcome.run_dir
         recent_run_signal().changed.emit(outcome.run_dir)
         if outcome.finished:
-            threshold = f", foreground threshold {outcome.threshold:.2f}" if outcome.threshold is not None else ""
-            self.status.setText(f"finished {outcome.epochs_done} epochs{threshold}: {outcome.run_dir}")
+            tuned = f", {outcome.instance_settings.describe()}" if outcome.instance_settings is not None else ""
+            self.status.setText(f"finished {outcome.epochs_done} epochs{tuned}: {outcome.run_dir}")
             show_info(f"DenoiSeg training finished: {outcome.run_dir}")
         else:
             self.status.setText(f"stopped; {outcome.epochs_done} epochs saved in {outcome.run_dir} (Continue resumes)")

@@ -3,25 +3,28 @@
 Training targets mark object borders (``skimage.segmentation.find_boundaries``) as a
 third class so touching objects are separated; instances are the connected components
 of the thresholded foreground probability, optionally grown back into the predicted
-border they lost to it.
+border they lost to it. The same instances in Fiji: ``three_class_instances.ijm``, which an
+exported package carries as its deepImageJ postprocessing.
 """
 
 from __future__ import annotations
 
+import re
+from importlib import resources
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 from scipy import ndimage
-from skimage.segmentation import expand_labels, find_boundaries, relabel_sequential
-from torch import nn
+from skimage.segmentation import expand_labels, find_boundaries
 
 from denoiseg_core.components import ComponentParams, HeadSpec
 from denoiseg_core.hookspecs import hookimpl
-from denoiseg_core.losses import labelled_weighted_cross_entropy
+from denoiseg_plugins.class_heads import ClassHead, ForegroundThreshold
 
 BACKGROUND, FOREGROUND, BORDER = 0, 1, 2
+#: the ImageJ macro that computes the same instances in Fiji (deepImageJ postprocessing)
+MACRO_FILE = "three_class_instances.ijm"
 
 
 class ThreeClassParams(ComponentParams):
@@ -39,15 +42,17 @@ class ThreeClassParams(ComponentParams):
     min_size: int = Field(0, ge=0, description="remove instances smaller than this many pixels")
 
 
-class ThreeClassHead:
+class ThreeClassHead(ClassHead):
     """Implements :class:`denoiseg_core.components.SegmentationHead` for 2D and 3D."""
 
-    num_classes = 3
-    channel_names = ("background", "foreground", "border")
-    threshold_candidates = tuple(float(t) for t in np.round(np.arange(0.1, 0.95, 0.05), 2))
+    classes = (
+        ("background", "probability of background"),
+        ("foreground", "probability of an object's inside"),
+        ("border", "probability of an object's border (between touching objects too)"),
+    )
 
     def __init__(self, params: ThreeClassParams | None = None):
-        self.params = params or ThreeClassParams()
+        super().__init__(params or ThreeClassParams())
 
     def targets(self, labels: np.ndarray) -> np.ndarray:
         """Instance labels -> class indices (0 background, 1 foreground, 2 border), int64."""
@@ -58,29 +63,38 @@ class ThreeClassHead:
         out[border] = BORDER
         return out
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-        """Class-weighted cross-entropy, the mean over all pixels of labelled patches."""
-        return labelled_weighted_cross_entropy(logits, targets, labelled, self.params.class_weights)
-
-    def activation(self) -> nn.Module:
-        return nn.Softmax(dim=1)
-
-    def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    def instances(self, probabilities: np.ndarray, settings: ForegroundThreshold) -> np.ndarray:
         """Class probabilities ``(3, *spatial)`` of one image -> int32 instance labels."""
-        probabilities = np.asarray(probabilities)
-        if probabilities.ndim < 3 or probabilities.shape[0] != self.num_classes:
-            raise ValueError(f"expected probabilities (3, *spatial), got shape {probabilities.shape}")
-        foreground = probabilities[FOREGROUND] > threshold
+        probabilities = self._check_shape(probabilities)
+        foreground = probabilities[FOREGROUND] > settings.threshold
         labels, _ = ndimage.label(foreground)  # default cross structure: touching diagonals stay apart
         if self.params.grow_into_border:
             labels = self._grow_into_border(labels, probabilities, foreground)
-        if self.params.min_size > 0 and labels.max() > 0:
-            sizes = np.bincount(labels.ravel())
-            small = sizes < self.params.min_size
-            small[0] = False
-            labels[small[labels]] = 0
-            labels = relabel_sequential(labels)[0]
-        return labels.astype(np.int32)
+        return self._remove_small(labels)
+
+    def instances_text(self, settings: ForegroundThreshold) -> str:
+        grown = ", each grown into the adjacent predicted border that separates touching objects" if self.params.grow_into_border else ""
+        small = f"; instances under {self.params.min_size} pixels are dropped" if self.params.min_size else ""
+        return (
+            f"foreground probability > **{settings.threshold:.3g}**, connected components (4-connected in 2D, "
+            f"6-connected in 3D){grown}{small}."
+        )
+
+    def imagej_macro(self, settings: ForegroundThreshold, denoised_channels: int) -> str:
+        """The packaged macro (``three_class_instances.ijm``) with these settings written into its settings block."""
+        template = resources.files("denoiseg_plugins").joinpath(MACRO_FILE).read_text(encoding="utf-8")
+        values = {
+            "threshold": f"{settings.threshold:.9g}",
+            "denoisedChannels": str(denoised_channels),
+            "growIntoBorder": "1" if self.params.grow_into_border else "0",
+            "outerBorder": "1" if self.params.border_mode == "outer" else "0",
+            "minSize": str(self.params.min_size),
+        }
+        for key, value in values.items():
+            template, count = re.subn(rf"(?m)^{key} = .*;$", f"{key} = {value};", template, count=1)
+            if count != 1:
+                raise RuntimeError(f"macro template lacks the setting {key}")
+        return template
 
     def _grow_into_border(self, labels: np.ndarray, probabilities: np.ndarray, foreground: np.ndarray) -> np.ndarray:
         """Give instances back the border pixels that belonged to them in the targets.

@@ -25,18 +25,14 @@ head, which learns borders) for those.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from pydantic import Field
 from scipy import ndimage
 from skimage.morphology import h_maxima
-from skimage.segmentation import relabel_sequential, watershed
-from torch import nn
+from skimage.segmentation import watershed
 
 from denoiseg_core.components import ComponentParams, HeadSpec
 from denoiseg_core.hookspecs import hookimpl
-from denoiseg_core.losses import labelled_weighted_cross_entropy
-
-BACKGROUND, FOREGROUND = 0, 1
+from denoiseg_plugins.class_heads import FOREGROUND, ClassHead, ForegroundThreshold
 
 
 class TwoClassParams(ComponentParams):
@@ -52,44 +48,44 @@ class TwoClassParams(ComponentParams):
     min_size: int = Field(0, ge=0, description="remove instances smaller than this many pixels")
 
 
-class TwoClassHead:
+class TwoClassHead(ClassHead):
     """Implements :class:`denoiseg_core.components.SegmentationHead` for 2D and 3D."""
 
-    num_classes = 2
-    channel_names = ("background", "foreground")
-    threshold_candidates = tuple(float(t) for t in np.round(np.arange(0.1, 0.95, 0.05), 2))
+    classes = (("background", "probability of background"), ("foreground", "probability of an object"))
 
     def __init__(self, params: TwoClassParams | None = None):
-        self.params = params or TwoClassParams()
+        super().__init__(params or TwoClassParams())
 
     def targets(self, labels: np.ndarray) -> np.ndarray:
         """Instance labels -> class indices (0 background, 1 foreground), int64."""
         return (np.asarray(labels) > 0).astype(np.int64)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-        """Class-weighted cross-entropy, the mean over all pixels of labelled patches."""
-        return labelled_weighted_cross_entropy(logits, targets, labelled, self.params.class_weights)
-
-    def activation(self) -> nn.Module:
-        return nn.Softmax(dim=1)
-
-    def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    def instances(self, probabilities: np.ndarray, settings: ForegroundThreshold) -> np.ndarray:
         """Class probabilities ``(2, *spatial)`` of one image -> int32 instance labels."""
-        probabilities = np.asarray(probabilities)
-        if probabilities.ndim < 3 or probabilities.shape[0] != self.num_classes:
-            raise ValueError(f"expected probabilities (2, *spatial), got shape {probabilities.shape}")
-        foreground = probabilities[FOREGROUND] > threshold
+        probabilities = self._check_shape(probabilities)
+        foreground = probabilities[FOREGROUND] > settings.threshold
         components, n_components = ndimage.label(foreground)
         if self.params.split_touching and n_components > 0:
             labels = self._split(foreground, components, n_components)
         else:
             labels = components
-        if self.params.min_size > 0 and labels.max() > 0:
-            sizes = np.bincount(labels.ravel())
-            small = sizes < self.params.min_size
-            small[0] = False
-            labels[small[labels]] = 0
-        return relabel_sequential(labels)[0].astype(np.int32)
+        return self._remove_small(labels)
+
+    def instances_text(self, settings: ForegroundThreshold) -> str:
+        split = (
+            f", touching objects split by a watershed of the foreground's distance transform seeded at "
+            f"its maxima at least {self.params.split_depth:g} pixels deep"
+            if self.params.split_touching
+            else ""
+        )
+        small = f"; instances under {self.params.min_size} pixels are dropped" if self.params.min_size else ""
+        return (
+            f"foreground probability > **{settings.threshold:.3g}**, connected components (4-connected in 2D, "
+            f"6-connected in 3D){split}{small}."
+        )
+
+    def imagej_macro(self, settings: ForegroundThreshold, denoised_channels: int) -> None:
+        return None  # the seeded watershed has no ImageJ macro; `denoiseg zoo predict` computes it
 
     def _split(self, foreground: np.ndarray, components: np.ndarray, n_components: int) -> np.ndarray:
         distance = ndimage.distance_transform_edt(foreground)

@@ -71,6 +71,7 @@ def unet_family_backbone(
         halo=lambda p: unet_arch.unet_halo(p.depth, p.kernel_size, options(p).get("pooling", "max")),
         description=description,
         architecture=ArchitectureSource(file=Path(unet_arch.__file__), callable_name="UNet", kwargs=architecture_kwargs),
+        tags=("unet",),
     )
 
 

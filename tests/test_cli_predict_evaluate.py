@@ -38,7 +38,7 @@ def make_checkpoint(path: Path, ndim: int = 2, axes: str = "auto", channels: int
     torch.manual_seed(0)
     built = build_model(config, ndim=ndim, in_channels=channels)
     normalization = Normalization(mean=[100.0] * channels, std=[25.0] * channels)
-    save_checkpoint(path, config=config, built=built, normalization=normalization, threshold=0.4)
+    save_checkpoint(path, config=config, built=built, normalization=normalization, instance_settings=built.head.settings(threshold=0.4))
     return path
 
 
@@ -132,6 +132,12 @@ def test_predict_writes_outputs_matching_predict_image(workspace, tmp_path):
     assert not list(out.glob(".*"))  # no leftover temporary files from the atomic writes
 
 
+def test_threshold_outside_the_heads_range_is_one_line(workspace, tmp_path):
+    result = run_cli("predict", workspace["checkpoint"], workspace["single"], "-o", tmp_path / "out", "--threshold", "1.5")
+    assert_one_line_error(result, "--threshold 1.5", "less than 1", "the head's threshold")
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_threshold_option_overrides_tuned_threshold(workspace, tmp_path):
     low, high = tmp_path / "low", tmp_path / "high"
     for folder, threshold in ((low, "0.2"), (high, "0.6")):
@@ -141,7 +147,7 @@ def test_predict_threshold_option_overrides_tuned_threshold(workspace, tmp_path)
     prediction = predict_image(model, tifffile.imread(workspace["single"]).astype(np.float32)[None], precision="auto")
     for folder, threshold in ((low, 0.2), (high, 0.6)):
         labels = tifffile.imread(folder / "single_labels.tif")
-        np.testing.assert_array_equal(labels, segment(model, prediction, threshold))
+        np.testing.assert_array_equal(labels, segment(model, prediction, model.instance_settings.with_threshold(threshold)))
     foreground = {folder: (tifffile.imread(folder / "single_labels.tif") > 0).sum() for folder in (low, high)}
     assert foreground[low] >= foreground[high]
 
@@ -246,8 +252,8 @@ def test_evaluate_writes_json_with_metrics(workspace, tmp_path):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
-    assert {"ap50", "map", "seg", "per_image", "psnr", "psnr_input", "threshold"} <= set(data)
-    assert data["threshold"] == 0.3 and data["n_images"] == 2
+    assert {"ap50", "map", "seg", "per_image", "psnr", "psnr_input", "instance_settings"} <= set(data)
+    assert data["instance_settings"] == {"threshold": 0.3} and data["n_images"] == 2
     assert [row["name"] for row in data["per_image"]] == ["img0.tif", "img1.tif"]
     # same numbers as scoring the predictions directly, at the run's precision (as threshold tuning does)
     model = load_checkpoint(workspace["checkpoint"])
@@ -256,7 +262,7 @@ def test_evaluate_writes_json_with_metrics(workspace, tmp_path):
     gts, preds = [], []
     for name in ("img0.tif", "img1.tif"):
         image = tifffile.imread(workspace["images"] / name).astype(np.float32)[None]
-        preds.append(segment(model, predict_image(model, image, precision=precision), 0.3))
+        preds.append(segment(model, predict_image(model, image, precision=precision), model.instance_settings.with_threshold(0.3)))
         gts.append(tifffile.imread(workspace["masks"] / name).astype(np.int32))
     expected = evaluate_segmentation(gts, preds)
     assert data["ap50"] == pytest.approx(expected["ap50"])

@@ -8,10 +8,12 @@ components and assert that it rejects each with a message naming the rule.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from denoiseg_core import exportability
@@ -37,6 +39,7 @@ from denoiseg_core.testing import (
     parametrize_components,
 )
 from denoiseg_plugins.n2v_masking import N2VMasking
+from denoiseg_plugins.class_heads import ForegroundThreshold
 from denoiseg_plugins.three_class_head import ThreeClassHead
 
 
@@ -316,15 +319,44 @@ class _LeakyHead(ThreeClassHead):
 
 
 class _FloatInstancesHead(ThreeClassHead):
-    def instances(self, probabilities, threshold):
-        return super().instances(probabilities, threshold).astype(np.float32)
+    def instances(self, probabilities, settings):
+        return super().instances(probabilities, settings).astype(np.float32)
 
 
 class _MergingHead(ThreeClassHead):
     """Returns one instance for all foreground."""
 
-    def instances(self, probabilities, threshold):
-        return (probabilities[1] > threshold).astype(np.int32)
+    def instances(self, probabilities, settings):
+        return (probabilities[1] > settings.threshold).astype(np.int32)
+
+
+class _WrongActivationCodeHead(ThreeClassHead):
+    """Describes an activation for the exporter that is not the one it trains with."""
+
+    def outputs(self):
+        return dataclasses.replace(super().outputs(), activation_code="torch.sigmoid(segmentation)")
+
+
+class _UndeclaredTargetHead(ThreeClassHead):
+    """Returns float targets while declaring int64 ones (the patch sampler allocates the declared)."""
+
+    def targets(self, labels):
+        return super().targets(labels).astype(np.float32)
+
+
+class _LooseSettings(ForegroundThreshold):
+    model_config = ConfigDict(extra="allow")
+
+
+class _LooseSettingsHead(ThreeClassHead):
+    settings = _LooseSettings
+
+
+class _BlindTuningHead(ThreeClassHead):
+    """Claims a better score than any candidate it tried reached."""
+
+    def tune(self, outputs, labels, *, quick=False):
+        return dataclasses.replace(super().tune(outputs, labels, quick=quick), score=2.0)
 
 
 @pytest.mark.parametrize(
@@ -333,12 +365,16 @@ class _MergingHead(ThreeClassHead):
         (_LeakyHead, "loss of an unlabelled batch is"),
         (_FloatInstancesHead, "is not an integer type"),
         (_MergingHead, "gave 1 instances, expected 3"),
+        (_WrongActivationCodeHead, "computes something else than activation"),
+        (_UndeclaredTargetHead, "targets dtype float32, the head declares int64"),
+        (_LooseSettingsHead, "instance settings accept unknown keys"),
+        (_BlindTuningHead, "must report the candidates it tried and pick the best-scoring one"),
     ],
 )
 def test_broken_heads_are_caught(head_cls, message):
     spec = HeadSpec(name="broken", params=NoParams, build=lambda p: head_cls())
     with pytest.raises(ConformanceError, match=message):
-        check_head(spec)
+        check_head(spec, ndims=[2])
 
 
 def test_component_given_by_name_or_spec(registry):

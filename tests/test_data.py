@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from denoiseg_core.components import TargetSpec
 from denoiseg_core.config import DataConfig
 from denoiseg_core.data import (
     ImageRecord,
@@ -27,6 +28,9 @@ from denoiseg_core.errors import DataError
 def foreground(labels: np.ndarray) -> np.ndarray:
     """Stand-in for a head's targets(): 1 inside objects."""
     return (labels > 0).astype(np.int64)
+
+
+INT_TARGET = TargetSpec("int64")
 
 
 def _write_dataset(root: Path, n: int, n_masks: int, shape=(24, 28), value=None) -> Path:
@@ -223,7 +227,7 @@ def _records(n_lab: int, n_unlab: int, shape=(32, 32), channels: int = 1) -> lis
 def test_sampler_shapes_and_dtypes():
     records = _records(2, 3, channels=2)
     norm = compute_normalization(records)
-    sampler = PatchSampler(records, (16, 16), norm, foreground, seed=0)
+    sampler = PatchSampler(records, (16, 16), norm, foreground, INT_TARGET, seed=0)
     patches, targets, labelled = sampler.sample(10, np.random.default_rng(0))
     assert patches.shape == (10, 2, 16, 16) and patches.dtype == np.float32
     assert targets.shape == (10, 16, 16) and targets.dtype == np.int64
@@ -237,7 +241,7 @@ def test_sampler_shapes_and_dtypes():
 
 def test_sampler_3d():
     records = _records(1, 1, shape=(10, 20, 20))
-    sampler = PatchSampler(records, (8, 16, 16), compute_normalization(records), foreground)
+    sampler = PatchSampler(records, (8, 16, 16), compute_normalization(records), foreground, INT_TARGET)
     patches, targets, labelled = sampler.sample(4, np.random.default_rng(0))
     assert patches.shape == (4, 1, 8, 16, 16) and targets.shape == (4, 8, 16, 16)
 
@@ -245,12 +249,12 @@ def test_sampler_3d():
 def test_sampler_patch_size_dimension_mismatch():
     records = _records(1, 0, shape=(10, 20, 20))
     with pytest.raises(DataError, match="patch_size has 2 entries but the images are 3-D"):
-        PatchSampler(records, (16, 16), compute_normalization(records), foreground)
+        PatchSampler(records, (16, 16), compute_normalization(records), foreground, INT_TARGET)
 
 
 def test_sampler_pads_small_images():
     records = _records(1, 0, shape=(12, 40))
-    sampler = PatchSampler(records, (16, 16), compute_normalization(records), foreground, augment=False)
+    sampler = PatchSampler(records, (16, 16), compute_normalization(records), foreground, INT_TARGET, augment=False)
     patches, targets, _ = sampler.sample(3, np.random.default_rng(0))
     assert patches.shape == (3, 1, 16, 16)
     # reflect padding: row 12 mirrors row 10
@@ -262,20 +266,20 @@ def test_sampler_labelled_fraction():
     records = _records(1, 9)
     norm = compute_normalization(records)
     rng = np.random.default_rng(0)
-    half = PatchSampler(records, (16, 16), norm, foreground, labelled_fraction=0.5)
+    half = PatchSampler(records, (16, 16), norm, foreground, INT_TARGET, labelled_fraction=0.5)
     counts = [half.sample(10, rng)[2].sum() for _ in range(50)]
     # 5 from the labelled image, plus about 1 in 10 of the other 5
     assert min(counts) >= 5 and np.mean(counts) == pytest.approx(5.5, abs=0.3)
-    uniform = PatchSampler(records, (16, 16), norm, foreground)
+    uniform = PatchSampler(records, (16, 16), norm, foreground, INT_TARGET)
     assert np.mean([uniform.sample(10, rng)[2].sum() for _ in range(50)]) == pytest.approx(1.0, abs=0.3)
-    unlabelled = PatchSampler(_records(0, 3), (16, 16), norm, foreground, labelled_fraction=0.5)
+    unlabelled = PatchSampler(_records(0, 3), (16, 16), norm, foreground, INT_TARGET, labelled_fraction=0.5)
     assert unlabelled.labelled_count == 0 and not unlabelled.sample(8, rng)[2].any()
 
 
 def test_uniform_sampling_weights_by_patch_positions():
     big = ImageRecord(np.zeros((1, 64, 64), np.float32), None)  # 49*49 positions for 16x16 patches
     small = ImageRecord(np.ones((1, 16, 16), np.float32), None)  # 1 position
-    sampler = PatchSampler([big, small], (16, 16), Normalization([0.0], [1.0]), foreground)
+    sampler = PatchSampler([big, small], (16, 16), Normalization([0.0], [1.0]), foreground, INT_TARGET)
     patches, _, _ = sampler.sample(4000, np.random.default_rng(0))
     from_small = (patches[:, 0, 0, 0] == 1).mean()
     assert from_small == pytest.approx(1 / (49 * 49 + 1), abs=0.002)
@@ -288,20 +292,20 @@ def test_augmentation_keeps_image_and_target_aligned():
     labels[11, 3:9] = 1
     image = np.where(labels > 0, 10.0, 0.0).astype(np.float32)[np.newaxis]
     record = ImageRecord(image, labels)
-    sampler = PatchSampler([record], (16, 16), Normalization([0.0], [1.0]), foreground, augment=True)
+    sampler = PatchSampler([record], (16, 16), Normalization([0.0], [1.0]), foreground, INT_TARGET, augment=True)
     patches, targets, _ = sampler.sample(200, np.random.default_rng(0))
     variants = set()
     for patch, target in zip(patches, targets):
         np.testing.assert_array_equal(patch[0] > 5, target == 1)
         variants.add(target.tobytes())
     assert len(variants) == 8  # all eight rotations/flips occur
-    plain = PatchSampler([record], (16, 16), Normalization([0.0], [1.0]), foreground, augment=False)
+    plain = PatchSampler([record], (16, 16), Normalization([0.0], [1.0]), foreground, INT_TARGET, augment=False)
     assert len({t.tobytes() for t in plain.sample(50, np.random.default_rng(0))[1]}) == 1
 
 
 def test_augmentation_non_square_patch():
     records = _records(1, 0, shape=(40, 40))
-    sampler = PatchSampler(records, (16, 24), compute_normalization(records), foreground)
+    sampler = PatchSampler(records, (16, 24), compute_normalization(records), foreground, INT_TARGET)
     patches, targets, _ = sampler.sample(20, np.random.default_rng(0))
     assert patches.shape == (20, 1, 16, 24) and targets.shape == (20, 16, 24)
 
@@ -311,7 +315,7 @@ def test_augmentation_3d_rotates_yx_only():
     labels[1, 2:12, 3] = 1  # only in z-slice 1
     labels[1, 11, 3:9] = 1
     image = (labels * 10.0).astype(np.float32)[np.newaxis]
-    sampler = PatchSampler([ImageRecord(image, labels)], (8, 16, 16), Normalization([0.0], [1.0]), foreground)
+    sampler = PatchSampler([ImageRecord(image, labels)], (8, 16, 16), Normalization([0.0], [1.0]), foreground, INT_TARGET)
     patches, targets, _ = sampler.sample(40, np.random.default_rng(0))
     assert np.all(targets.sum(axis=(2, 3))[:, [0, 2, 3, 4, 5, 6, 7]] == 0)
     np.testing.assert_array_equal(patches[:, 0] > 5, targets == 1)
@@ -325,7 +329,7 @@ def test_sampler_targets_computed_once():
         return foreground(labels)
 
     records = _records(3, 2)
-    sampler = PatchSampler(records, (16, 16), compute_normalization(records), counting)
+    sampler = PatchSampler(records, (16, 16), compute_normalization(records), counting, INT_TARGET)
     for _ in range(5):
         sampler.sample(8, np.random.default_rng(0))
     assert len(calls) == 3
@@ -336,3 +340,21 @@ def test_reading_data_does_not_load_the_model_builder():
     code = "import sys, denoiseg_core.data; print(sorted(m for m in sys.modules if m in ('denoiseg_core.model', 'denoiseg_core.checkpoint')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_sampler_allocates_the_targets_the_head_declares():
+    """A head with float (2, *spatial) targets (e.g. a probability and a distance map) gets
+    batches of that dtype and shape, rotated and flipped together with the patches."""
+
+    def two_maps(labels: np.ndarray) -> np.ndarray:
+        inside = (labels > 0).astype(np.float32)
+        return np.stack([inside, inside * 0.5])
+
+    records = _records(2, 1, shape=(16, 16))  # every labelled patch holds a part of the object
+    sampler = PatchSampler(records, (16, 16), compute_normalization(records), two_maps, TargetSpec("float32", 2))
+    _, targets, labelled = sampler.sample(6, np.random.default_rng(0))
+    assert targets.shape == (6, 2, 16, 16) and targets.dtype == np.float32 and labelled.any()
+    np.testing.assert_array_equal(targets[:, 1], targets[:, 0] * 0.5)
+    assert all(t.any() for t in targets[labelled]) and not targets[~labelled].any()
+    with pytest.raises(ValueError, match="the head declares int64 of shape"):
+        PatchSampler(records, (16, 16), compute_normalization(records), two_maps, INT_TARGET)

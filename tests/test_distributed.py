@@ -48,7 +48,7 @@ def test_two_process_gloo_training_writes_a_loadable_checkpoint_and_resumes(tmp_
     assert first.stdout.count("epoch   1:") == 1, "only rank 0 may log epochs"
 
     model = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert model.threshold is not None
+    assert model.tuned_settings is not None
     prediction = predict_image(model, np.random.default_rng(0).normal(100, 10, (1, 40, 40)).astype(np.float32))
     assert np.isfinite(prediction.denoised).all()
     np.testing.assert_allclose(prediction.probabilities.sum(axis=0), 1.0, atol=1e-4)

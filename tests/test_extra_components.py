@@ -13,6 +13,7 @@ from skimage.draw import disk
 
 from denoiseg_plugins.n2v2_masking import N2V2Masking, N2V2Params
 from denoiseg_plugins.struct_n2v_masking import StructN2VMasking, StructN2VParams
+from denoiseg_plugins.class_heads import ForegroundThreshold
 from denoiseg_plugins.two_class_head import TwoClassHead, TwoClassParams
 from denoiseg_plugins.unet_arch import MaxBlurPool, UNet
 
@@ -183,12 +184,12 @@ def test_two_class_targets_are_foreground():
 def test_two_class_splits_touching_discs():
     head = TwoClassHead()
     labels = _touching_discs()
-    instances = head.instances(_perfect(head, labels), 0.5)
+    instances = head.instances(_perfect(head, labels), ForegroundThreshold())
     assert instances.max() == 2
     for label in (1, 2):
         ids, counts = np.unique(instances[labels == label], return_counts=True)
         assert counts.max() / counts.sum() > 0.9
-    merged = TwoClassHead(TwoClassParams(split_touching=False)).instances(_perfect(head, labels), 0.5)
+    merged = TwoClassHead(TwoClassParams(split_touching=False)).instances(_perfect(head, labels), ForegroundThreshold())
     assert merged.max() == 1
 
 
@@ -198,11 +199,11 @@ def test_two_class_keeps_elongated_and_tiny_objects_whole():
     labels[20, 20] = 2  # too thin for any seed
     labels[18:28, 40:50] = 3
     head = TwoClassHead()
-    instances = head.instances(_perfect(head, labels), 0.5)
+    instances = head.instances(_perfect(head, labels), ForegroundThreshold())
     assert instances.max() == 3
     for label in (1, 2, 3):
         assert len(np.unique(instances[labels == label])) == 1
-    small_removed = TwoClassHead(TwoClassParams(min_size=2)).instances(_perfect(head, labels), 0.5)
+    small_removed = TwoClassHead(TwoClassParams(min_size=2)).instances(_perfect(head, labels), ForegroundThreshold())
     assert small_removed.max() == 2 and small_removed[20, 20] == 0
 
 
@@ -212,9 +213,9 @@ def test_two_class_splits_touching_spheres_in_3d():
     labels[(z - 10) ** 2 + (y - 12) ** 2 + (x - 12) ** 2 <= 49] = 1
     labels[(z - 10) ** 2 + (y - 12) ** 2 + (x - 25) ** 2 <= 49] = 2
     head = TwoClassHead()
-    assert head.instances(_perfect(head, labels), 0.5).max() == 2
+    assert head.instances(_perfect(head, labels), ForegroundThreshold()).max() == 2
 
 
 def test_two_class_rejects_wrong_probability_shape():
     with pytest.raises(ValueError, match=r"\(2, \*spatial\)"):
-        TwoClassHead().instances(np.zeros((3, 8, 8)), 0.5)
+        TwoClassHead().instances(np.zeros((3, 8, 8)), ForegroundThreshold())

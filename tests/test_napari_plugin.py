@@ -187,9 +187,10 @@ def test_train_stop_continue_predict_threshold_correct_retrain(viewer_with_sampl
     high = labels_layer.data.copy()
     from denoiseg_core.checkpoint import load_checkpoint
 
-    head = load_checkpoint(run_dir / "best.pt").head  # what `denoiseg predict` would use
+    model = load_checkpoint(run_dir / "best.pt")  # what `denoiseg predict --threshold` would use
     for threshold, labels in ((0.01, low), (0.99, high)):
-        expected = np.stack([head.instances(probabilities[:, i], threshold) for i in range(SAMPLE_IMAGES)])
+        settings = model.instance_settings.with_threshold(threshold)
+        expected = np.stack([model.head.instances(probabilities[:, i], settings) for i in range(SAMPLE_IMAGES)])
         np.testing.assert_array_equal(labels, expected)
     assert (high > 0).sum() < (low > 0).sum()
     assert predict.threshold_label.text() == "threshold 0.99"

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from denoiseg_core.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
+from denoiseg_core.checkpoint import (
+    LoadedModel,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+    write_checkpoint_state,
+)
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import Normalization
 from denoiseg_core.errors import ConfigError, DataError
@@ -187,7 +193,7 @@ def tiny_loaded_model(tmp_path, ndim: int = 2, mean: float = 100.0, std: float =
     built = build_model(config, ndim=ndim, in_channels=1)
     path = tmp_path / "model.pt"
     normalization = Normalization(mean=[mean], std=[std])
-    save_checkpoint(path, config=config, built=built, normalization=normalization, threshold=0.4)
+    save_checkpoint(path, config=config, built=built, normalization=normalization, instance_settings=built.head.settings(threshold=0.4))
     return load_checkpoint(path)
 
 
@@ -231,9 +237,25 @@ def test_segment_uses_tuned_threshold_unless_overridden(tmp_path):
     probabilities[:, 5:15, 5:15] = np.array([0.55, 0.45, 0.0])[:, None, None]
     probabilities[:, 25:35, 25:35] = np.array([0.1, 0.9, 0.0])[:, None, None]
     prediction = Prediction(denoised=np.zeros((1, *shape), np.float32), probabilities=probabilities)
-    tuned = segment(model, prediction)  # model.threshold == 0.4
-    strict = segment(model, prediction, threshold=0.6)
+    tuned = segment(model, prediction)  # tuned threshold 0.4
+    strict = segment(model, prediction, model.instance_settings.with_threshold(0.6))
     assert tuned.shape == strict.shape == shape
     assert len(np.unique(tuned[tuned > 0])) == 2
     assert len(np.unique(strict[strict > 0])) == 1
     assert strict[30, 30] > 0 and strict[10, 10] == 0
+
+
+def test_checkpoint_with_a_scalar_threshold_loads_as_the_heads_settings(tmp_path):
+    """Checkpoints written before heads had instance settings store ``threshold``: it becomes
+    the head's primary threshold; a checkpoint without one has no tuned settings."""
+    model = tiny_loaded_model(tmp_path)
+    state = read_checkpoint_state(model.path)
+    old = {k: v for k, v in state.items() if k != "instance_settings"}
+    write_checkpoint_state(tmp_path / "old.pt", {**old, "threshold": 0.35})
+    write_checkpoint_state(tmp_path / "untuned.pt", {**old, "threshold": None})
+    assert load_checkpoint(tmp_path / "old.pt").tuned_settings == model.head.settings(threshold=0.35)
+    untuned = load_checkpoint(tmp_path / "untuned.pt")
+    assert untuned.tuned_settings is None and untuned.instance_settings == model.head.settings()
+    write_checkpoint_state(tmp_path / "bad.pt", {**old, "instance_settings": {"threshold": 0.35, "seeds": 2}})
+    with pytest.raises(DataError, match="bad.pt: the checkpoint's instance settings are invalid"):
+        load_checkpoint(tmp_path / "bad.pt")

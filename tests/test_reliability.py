@@ -51,7 +51,7 @@ def make_checkpoint(path: Path, *, normalization: Normalization | None = None, *
     config = DenoiSegConfig.model_validate({"model": {"backbone": {"name": "unet", "params": {"depth": 2, "first_filters": 8}}}})
     torch.manual_seed(0)
     built = build_model(config, ndim=2, in_channels=1)
-    save_checkpoint(path, config=config, built=built, normalization=normalization or Normalization([100.0], [25.0]), threshold=0.4)
+    save_checkpoint(path, config=config, built=built, normalization=normalization or Normalization([100.0], [25.0]), instance_settings=built.head.settings(threshold=0.4))
     if extra_state:
         state = torch.load(path, weights_only=True)
         state.update(extra_state)
@@ -284,7 +284,7 @@ def reference_run(data, tmp_path_factory) -> Path:
 def _assert_same_run(run: Path, reference: Path) -> None:
     for name in ("last.pt", "best.pt"):
         got, want = read_checkpoint_state(run / name), read_checkpoint_state(reference / name)
-        assert got["epoch"] == want["epoch"] and got["threshold"] == want["threshold"], name
+        assert got["epoch"] == want["epoch"] and got["instance_settings"] == want["instance_settings"], name
         for key, value in want["model_state"].items():
             assert torch.equal(got["model_state"][key], value), (name, key)
     with open(run / "log.csv") as fh:
@@ -322,7 +322,7 @@ def test_best_checkpoint_records_the_epoch_of_its_weights(data, tmp_path, monkey
     monkeypatch.setattr(BestEpochs, "improves", lambda self, values: values["epoch"] == 1 and not setattr(self, "value", 0.0))
     run = train(config, progress=False, log=lambda _: None)
     best = read_checkpoint_state(run.best_checkpoint)
-    assert best["epoch"] == 1 and best["threshold"] is not None
+    assert best["epoch"] == 1 and best["instance_settings"] is not None
     assert read_checkpoint_state(run.last_checkpoint)["epoch"] == 3
 
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from denoiseg_core import training
 from denoiseg_core.checkpoint import load_checkpoint, save_checkpoint
+from denoiseg_core.components import TargetSpec
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import Normalization, PatchSampler, PatchStream, load_folder
 from denoiseg_core.errors import ConfigError
@@ -106,7 +107,7 @@ def test_training_network_is_channels_last_and_steps_return_device_tensors(tiny_
 
 def test_patch_stream_workers_are_seeded_and_repeatable(dataset):
     records = load_folder(dataset["train"])
-    sampler = PatchSampler(records, (32, 32), Normalization([0.0], [1.0]), lambda labels: labels > 0, seed=0)
+    sampler = PatchSampler(records, (32, 32), Normalization([0.0], [1.0]), lambda labels: (labels > 0).astype(np.int64), TargetSpec("int64"), seed=0)
 
     def first_batches(seed: int, workers: int, n: int = 4) -> list[np.ndarray]:
         loader = DataLoader(PatchStream(sampler, 3, seed=[seed, 0]), batch_size=None, num_workers=workers)

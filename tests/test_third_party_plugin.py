@@ -2,8 +2,9 @@
 
 The module fixture pip-installs a copy of ``plugins/example_plugin`` (non-editable, without
 dependencies or network when setuptools is available) into the running environment and
-uninstalls it afterwards. denoiseg finds its ``tiny_resnet`` backbone only through the
-``denoiseg.plugins`` entry point, exactly as it would for a package from PyPI. Commands
+uninstalls it afterwards. denoiseg finds its ``tiny_resnet`` backbone and ``distance_map``
+head (float targets, two thresholds) only through the ``denoiseg.plugins`` entry point,
+exactly as it would for a package from PyPI. Commands
 that must see the install (or its absence) run in fresh subprocesses, because a Python
 process keeps the modules it has imported.
 """
@@ -28,8 +29,10 @@ from denoiseg_core.config import DenoiSegConfig, save_config, validate_component
 from denoiseg_core.errors import ConfigError
 from denoiseg_core.model import build_model
 from denoiseg_core.plugin_manager import Registry, get_plugin_manager, plugin_versions
-from denoiseg_core.testing import check_backbone
+from denoiseg_core.checkpoint import load_checkpoint
+from denoiseg_core.testing import check_backbone, check_head
 
+from head_packages import check_head_package
 from old_runtime import check_package_runtimes, old_torch  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,17 +141,25 @@ def test_conformance_kit_passes_for_the_third_party_backbone(fresh_registry):
     check_backbone(fresh_registry.get("backbone", "tiny_resnet"))
 
 
+def test_conformance_kit_passes_for_every_head_with_the_third_party_one(fresh_registry):
+    heads = fresh_registry.components("head")
+    assert "distance_map" in {h.name for h in heads}
+    for head in heads:
+        check_head(head)
+
+
 def test_the_plugins_own_tests_pass(example_plugin, tmp_path):
     tests = tmp_path / "tests"
     shutil.copytree(PLUGIN_SOURCE / "tests", tests)
     result = _run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "3 passed" in result.stdout
+    assert "4 passed" in result.stdout
 
 
 @pytest.mark.slow
-def test_train_predict_and_zoo_export_with_the_third_party_backbone(example_plugin, old_torch, tmp_path):
-    """The backbone is chosen only by name in the config; everything else is denoiseg's."""
+def test_train_predict_tune_and_zoo_export_with_the_third_party_backbone_and_head(example_plugin, old_torch, tmp_path):
+    """Backbone and head are chosen only by name in the config; training tunes the head's two
+    thresholds, and no code in denoiseg_core or denoiseg_zoo names either."""
     from denoiseg_core.synthetic import write_synthetic_dataset
 
     data = write_synthetic_dataset(tmp_path / "data", n_train=4, n_labelled=2, n_val=2, n_test=1, shape=(64, 64))
@@ -158,7 +169,10 @@ def test_train_predict_and_zoo_export_with_the_third_party_backbone(example_plug
             {
                 "run_dir": str(tmp_path / "run"),
                 "data": {"train": str(data["train"]), "validation": str(data["val"]), "patch_size": [32, 32]},
-                "model": {"backbone": {"name": "tiny_resnet", "params": {"width": 8, "blocks": 2}}},
+                "model": {
+                    "backbone": {"name": "tiny_resnet", "params": {"width": 8, "blocks": 2}},
+                    "head": {"name": "distance_map"},
+                },
                 "training": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 4, "device": "cpu"},
             }
         )
@@ -167,10 +181,23 @@ def test_train_predict_and_zoo_export_with_the_third_party_backbone(example_plug
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     run_config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert run_config["plugins"][DISTRIBUTION] == "0.1.0"
+    assert "tuned instance settings: probability_threshold" in trained.stdout
+    model = load_checkpoint(tmp_path / "run", registry=Registry.from_plugin_manager(get_plugin_manager()))
+    assert set(model.tuned_settings.model_dump()) == {"probability_threshold", "seed_threshold"}
 
-    predicted = _run(DENOISEG, "predict", tmp_path / "run", data["test_images"], "--out", tmp_path / "pred")
+    predicted = _run(DENOISEG, "predict", tmp_path / "run", data["test_images"], "--out", tmp_path / "pred", "--probabilities")
     assert predicted.returncode == 0, predicted.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "pred").glob("*.tif")) == ["test_000_denoised.tif", "test_000_labels.tif"]
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.tif")) == [
+        "test_000_denoised.tif", "test_000_labels.tif", "test_000_probabilities.tif"
+    ]
+    # --threshold sets the head's primary threshold: a higher one finds no more foreground
+    strict = _run(DENOISEG, "predict", tmp_path / "run", data["test_images"], "--out", tmp_path / "strict", "--threshold", "0.95")
+    assert strict.returncode == 0 and "probability_threshold 0.95" in strict.stdout + strict.stderr, strict.stderr[-2000:]
+    import tifffile
+
+    assert (tifffile.imread(tmp_path / "strict" / "test_000_labels.tif") > 0).sum() <= (
+        tifffile.imread(tmp_path / "pred" / "test_000_labels.tif") > 0
+    ).sum()
 
     package = tmp_path / "model.zip"
     sample = next(data["test_images"].glob("*.tif"))
@@ -178,6 +205,7 @@ def test_train_predict_and_zoo_export_with_the_third_party_backbone(example_plug
     # `zoo export` runs bioimageio.core's test on every weight format before it reports success.
     assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
     assert package.is_file() and "tested" in exported.stdout
+    check_head_package(package, model.head, "distance_map", model.instance_settings)
     # its TorchScript runs in PyTorch 1.13 (deepImageJ, ilastik) and its ONNX in onnxruntime, agreeing with torch 2.x
     check_package_runtimes(package, tmp_path / "runtimes")
 

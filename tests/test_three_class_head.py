@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 from scipy import ndimage
 
+from denoiseg_plugins.class_heads import THRESHOLDS, ForegroundThreshold
 from denoiseg_plugins.three_class_head import ThreeClassHead, ThreeClassParams
 
 
@@ -130,14 +131,14 @@ def test_activation_is_softmax_over_channels():
 def test_instances_separate_touching_objects_and_restore_their_size(touching_squares):
     head = _head()
     probs = _probabilities(head.targets(touching_squares))
-    instances = head.instances(probs, threshold=0.5)
+    instances = head.instances(probs, ForegroundThreshold())
     assert instances.dtype == np.int32
     assert _same_partition(instances, touching_squares)  # the outer ring is not added
 
 
 def test_instances_without_growing_keep_the_border_out(touching_squares):
     head = _head(grow_into_border=False)
-    instances = head.instances(_probabilities(head.targets(touching_squares)), threshold=0.5)
+    instances = head.instances(_probabilities(head.targets(touching_squares)), ForegroundThreshold())
     assert instances.max() == 2
     assert (instances > 0).sum() == 2 * 4 * 3
 
@@ -145,7 +146,7 @@ def test_instances_without_growing_keep_the_border_out(touching_squares):
 @pytest.mark.parametrize("mode", ["inner", "thick"])
 def test_instances_grow_back_inner_borders(mode, touching_squares):
     head = _head(border_mode=mode)
-    instances = head.instances(_probabilities(head.targets(touching_squares)), threshold=0.5)
+    instances = head.instances(_probabilities(head.targets(touching_squares)), ForegroundThreshold())
     assert _same_partition(instances, touching_squares)
 
 
@@ -154,7 +155,7 @@ def test_instances_3d_touching_cubes():
     labels[2:6, 2:6, 2:6] = 1
     labels[2:6, 2:6, 6:10] = 2
     head = _head()
-    instances = head.instances(_probabilities(head.targets(labels)), threshold=0.5)
+    instances = head.instances(_probabilities(head.targets(labels)), ForegroundThreshold())
     assert _same_partition(instances, labels)
 
 
@@ -164,30 +165,41 @@ def test_threshold_and_min_size():
     probs[:, 1:5, 1:5] = np.array([0.2, 0.8, 0.0])[:, None, None]  # 16 px, confident
     probs[:, 7, 7] = np.array([0.4, 0.6, 0.0])  # 1 px, less confident
     head = _head(min_size=2)
-    instances = head.instances(probs, threshold=0.5)
+    instances = head.instances(probs, ForegroundThreshold())
     assert instances.max() == 1 and (instances == 1).sum() == 16
-    assert _head().instances(probs, threshold=0.5).max() == 2
-    assert _head().instances(probs, threshold=0.7).max() == 1
+    assert _head().instances(probs, ForegroundThreshold()).max() == 2
+    assert _head().instances(probs, ForegroundThreshold(threshold=0.7)).max() == 1
 
 
 def test_diagonal_neighbours_are_separate_instances():
     probs = np.zeros((3, 4, 4), dtype=np.float32)
     probs[0] = 1
     probs[:, 0, 0] = probs[:, 1, 1] = np.array([0, 1, 0])
-    assert _head().instances(probs, threshold=0.5).max() == 2
+    assert _head().instances(probs, ForegroundThreshold()).max() == 2
 
 
 def test_instances_reject_wrong_channel_count():
     with pytest.raises(ValueError, match="probabilities"):
-        _head().instances(np.zeros((2, 4, 4)), threshold=0.5)
+        _head().instances(np.zeros((2, 4, 4)), ForegroundThreshold())
 
 
-def test_threshold_candidates_and_protocol_attributes():
+def test_tuning_grid_settings_and_protocol_attributes(touching_squares):
     head = _head()
-    candidates = head.threshold_candidates
-    assert candidates[0] == pytest.approx(0.1) and candidates[-1] == pytest.approx(0.9)
-    assert list(candidates) == sorted(candidates) and 0.5 in candidates
-    assert head.num_classes == 3 and head.channel_names == ("background", "foreground", "border")
+    assert THRESHOLDS[0] == pytest.approx(0.1) and THRESHOLDS[-1] == pytest.approx(0.9)
+    assert list(THRESHOLDS) == sorted(THRESHOLDS) and 0.5 in THRESHOLDS
+    assert head.num_classes == 3 and [c.name for c in head.outputs().channels] == ["background", "foreground", "border"]
+    assert head.settings() == ForegroundThreshold(threshold=0.5)
+    probs = _probabilities(head.targets(touching_squares))
+    full, quick = head.tune([probs], [touching_squares]), head.tune([probs], [touching_squares], quick=True)
+    assert [s.threshold for s, _ in full.table] == list(THRESHOLDS)
+    assert [s.threshold for s, _ in quick.table] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    assert full.score == 1.0 and full.settings == full.table[0][0]  # the first of equally good ones
+
+
+def test_macro_carries_the_settings():
+    macro = _head(grow_into_border=False, border_mode="inner", min_size=7).imagej_macro(ForegroundThreshold(threshold=0.35), 2)
+    for line in ("threshold = 0.35;", "denoisedChannels = 2;", "growIntoBorder = 0;", "outerBorder = 0;", "minSize = 7;"):
+        assert f"\n{line}\n" in macro
 
 
 def test_spec_and_params(registry):

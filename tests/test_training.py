@@ -16,6 +16,7 @@ from denoiseg_core.errors import ConfigError, DenoiSegError
 from denoiseg_core.evaluation import ScoredImage, evaluate, scored_records
 from denoiseg_core.synthetic import write_synthetic_dataset
 from denoiseg_core.training import Trainer, train
+from denoiseg_plugins.class_heads import THRESHOLDS
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,9 @@ def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, 
     # The tuned threshold is one of the head's candidates and travels in both checkpoints,
     # together with the config and the versions of the plugins used.
     model = load_checkpoint(run.best_checkpoint)
-    assert run.threshold in model.head.threshold_candidates
-    assert model.threshold == run.threshold
-    assert read_checkpoint_state(run.last_checkpoint)["threshold"] == run.threshold
+    assert run.instance_settings.threshold in THRESHOLDS
+    assert model.tuned_settings == run.instance_settings
+    assert read_checkpoint_state(run.last_checkpoint)["instance_settings"] == run.instance_settings.model_dump()
     assert model.config.model.backbone.params == {"depth": 2, "first_filters": 8}
     assert model.versions["plugins"].get("denoiseg")
     assert model.ndim == 2 and model.in_channels == 1
@@ -68,7 +69,7 @@ def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, 
     # tuned threshold reproduces the validation AP the threshold was chosen by.
     records = scored_records(load_folder(dataset_2d["val"], require_masks=True))
     scores = evaluate(model, [ScoredImage(r.path.name, r.image, r.labels) for r in records])
-    assert scores["threshold"] == run.threshold
+    assert scores["instance_settings"] == run.instance_settings.model_dump()
     assert scores["ap50"] == run.validation["ap50"]
 
 

@@ -15,9 +15,10 @@ from torch import nn
 from denoiseg_core.components import NoParams
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.errors import DenoiSegError
-from denoiseg_core.model import build_model
+from denoiseg_core.exportability import build_from_source
+from denoiseg_core.model import InferenceNet, build_model
 from denoiseg_core.plugin_manager import Registry
-from denoiseg_zoo.architecture import activation_kind, architecture_export
+from denoiseg_zoo.architecture import architecture_export
 from denoiseg_zoo.archive import PackageError, check_package_zip, load_package, unsafe_member
 
 from cli_helpers import run_cli, tree
@@ -129,10 +130,30 @@ def test_backbone_without_architecture_cannot_be_exported(registry):
     assert exported.kwargs["denoised_channels"] == 1
 
 
-def test_activation_kinds():
-    assert activation_kind(nn.Softmax(dim=1), "h") == "softmax"
-    assert activation_kind(nn.Sigmoid(), "h") == "sigmoid"
-    with pytest.raises(DenoiSegError, match="dim=1"):
-        activation_kind(nn.Softmax(dim=-1), "h")
-    with pytest.raises(DenoiSegError, match="cannot be written"):
-        activation_kind(nn.Tanh(), "h")
+def test_architecture_applies_the_activation_the_head_describes(registry, tmp_path):
+    """The exporter knows no head: it writes the head's described activation code, which must
+    rebuild the network denoiseg runs (here the two_class head's softmax)."""
+    config = DenoiSegConfig.model_validate(
+        {"model": {"backbone": {"name": "unet", "params": {"depth": 2, "first_filters": 4}}, "head": {"name": "two_class"}}}
+    )
+    built = build_model(config, ndim=2, in_channels=1, registry=registry)
+    exported = architecture_export(built)
+    assert built.head.outputs().activation_code in exported.source
+    source = tmp_path / "architecture.py"
+    source.write_text(exported.source)
+    rebuilt = build_from_source(source, exported.callable_name, exported.kwargs)
+    rebuilt.load_state_dict(built.net.state_dict())
+    x = torch.randn(1, 1, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt.eval()(x), InferenceNet(built.net, built.head).eval()(x))
+
+
+def test_the_exporter_names_no_backbone_or_head(registry):
+    """zoo/ only assembles what the specs describe: no registered backbone's or head's name
+    (nor the U-Net) is written into its code."""
+    zoo = Path(__file__).resolve().parents[1] / "zoo"
+    sources = {path.name: path.read_text(encoding="utf-8").lower() for path in zoo.glob("*.py")}
+    names = {c.name for kind in ("backbone", "head") for c in registry.components(kind)} | {"u-net"}
+    assert {"three_class", "two_class", "unet"} <= names
+    assert [(file, name) for file, text in sources.items() for name in names if name in text] == []
+    assert not list(zoo.glob("*.ijm"))  # the three_class head carries its own macro

@@ -32,10 +32,12 @@ from denoiseg_core.model import build_model
 from denoiseg_core.evaluation import segment
 from denoiseg_core.prediction import predict_image
 from denoiseg_core.synthetic import make_nuclei_image
+from denoiseg_core.testing import parametrize_components
 from denoiseg_zoo.export import ExportOptions, export_package, geometry_for
 from denoiseg_zoo.importing import checkpoint_state_from_package
 
 from cli_helpers import run_cli, tree
+from head_packages import check_head_package
 
 FORMATS = ("onnx", "pytorch_state_dict", "torchscript")
 
@@ -63,7 +65,7 @@ def train_tiny_checkpoint(path: Path, steps: int = 40) -> dict:
         optimizer.step()
     built.net.eval()
     save_checkpoint(
-        path, config=config, built=built, normalization=Normalization([mean], [std]), threshold=0.45, epoch=3,
+        path, config=config, built=built, normalization=Normalization([mean], [std]), instance_settings=built.head.settings(threshold=0.45), epoch=3,
         extra={"validation": {"ap50": 0.61, "n_images": 2}},
     )
     return {"images": images, "labels": labels}
@@ -145,7 +147,7 @@ def test_package_reopens_with_bioimageio_spec(exported):
 
     rdf = _rdf(exported["package"])
     section = rdf["config"]["denoiseg"]
-    assert section["threshold"] == pytest.approx(0.45) and section["head"]["name"] == "three_class"
+    assert section["instance_settings"] == {"threshold": pytest.approx(0.45)} and section["head"]["name"] == "three_class"
     assert rdf["config"]["deepimagej"]["allow_tiling"] is True
     postprocess = rdf["config"]["deepimagej"]["prediction"]["postprocess"]
     assert postprocess == [{"spec": "ij.IJ::runMacroFile", "kwargs": "denoiseg_instances.ijm"}]
@@ -241,9 +243,9 @@ def test_zoo_predict_tiled_equals_direct_prediction(exported, tmp_path, capsys):
     np.testing.assert_allclose(denoised[inner], direct.denoised[0][inner], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(probabilities[(slice(None), *inner)], direct.probabilities[(slice(None), *inner)], atol=1e-5)
     # labels: the package's threshold and the head's post-processing on the package output
-    expected = model.head.instances(probabilities, 0.45)
+    expected = model.head.instances(probabilities, model.instance_settings)  # tuned 0.45
     np.testing.assert_array_equal(labels, expected)
-    assert average_precision(segment(model, direct, 0.45), labels) >= 0.9
+    assert average_precision(segment(model, direct), labels) >= 0.9
 
 
 def test_round_trip_export_import_predict(exported, tmp_path, capsys):
@@ -251,7 +253,7 @@ def test_round_trip_export_import_predict(exported, tmp_path, capsys):
     code, out, err = run_cli(["zoo", "import", exported["package"], "--out", target], capsys)
     assert code == 0, err
     original, imported = load_checkpoint(exported["checkpoint"]), load_checkpoint(target)
-    assert imported.config == original.config and imported.threshold == pytest.approx(original.threshold)
+    assert imported.config == original.config and imported.tuned_settings == original.tuned_settings
     assert imported.normalization.mean == pytest.approx(original.normalization.mean)
     image = tifffile.imread(exported["sample"])[None]
     a, b = predict_image(original, image), predict_image(imported, image)
@@ -410,7 +412,7 @@ def test_packaged_imagej_macro_gives_denoiseg_labels(exported, tmp_path):
     )
     assert labels_path.is_file(), result.stdout + result.stderr
     imagej = np.rint(tifffile.imread(labels_path)).astype(np.int64)
-    ours = segment(model, prediction, 0.45)
+    ours = segment(model, prediction)
     assert ours.max() >= 5  # a non-trivial comparison
     assert average_precision(ours, imagej) >= 0.95
     assert (imagej == ours).mean() >= 0.99
@@ -439,6 +441,24 @@ def test_zoo_predict_runs_a_package_not_made_by_denoiseg(exported, tmp_path, cap
     np.testing.assert_allclose(output[1:, h:-h, h:-h], direct.probabilities[:, h:-h, h:-h], atol=1e-5)
 
 
+@parametrize_components("head")
+def test_every_registered_head_exports_a_tested_package(component, tmp_path):
+    """The exporter only assembles what backbone and head describe: each head's channels,
+    instance settings and macro (if any) land in a package that passes bioimageio.core's test."""
+    torch.manual_seed(0)
+    config = DenoiSegConfig.model_validate(
+        {"model": {"backbone": {"name": "unet", "params": {"depth": 2, "first_filters": 4}}, "head": {"name": component.name}}}
+    )
+    built = build_model(config, ndim=2, in_channels=1)
+    checkpoint = tmp_path / "model.pt"
+    settings = built.head.settings().with_threshold(0.4)
+    save_checkpoint(checkpoint, config=config, built=built, normalization=Normalization([100.0], [30.0]), instance_settings=settings)
+    package = tmp_path / "model.zip"
+    assert export_package(checkpoint, package).summary.status == "passed"
+    rdf = check_head_package(package, built.head, component.name, settings)
+    assert "unet" in rdf["tags"]  # from the backbone's spec
+
+
 @pytest.mark.slow
 def test_3d_model_exports_and_passes_bioimageio_test(tmp_path):
     from bioimageio.spec import load_model_description
@@ -449,7 +469,7 @@ def test_3d_model_exports_and_passes_bioimageio_test(tmp_path):
     )
     built = build_model(config, ndim=3, in_channels=1)
     checkpoint = tmp_path / "model3d.pt"
-    save_checkpoint(checkpoint, config=config, built=built, normalization=Normalization([100.0], [30.0]), threshold=0.5)
+    save_checkpoint(checkpoint, config=config, built=built, normalization=Normalization([100.0], [30.0]), instance_settings=built.head.settings(threshold=0.5))
     package = tmp_path / "model3d.zip"
     result = export_package(checkpoint, package)
     assert result.summary.status == "passed"

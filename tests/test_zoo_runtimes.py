@@ -33,7 +33,6 @@ from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.exportability import build_from_source
-from denoiseg_core.metrics import average_precision
 from denoiseg_core.model import InferenceNet, build_model
 from denoiseg_core.evaluation import segment
 from denoiseg_core.prediction import predict_image
@@ -196,11 +195,8 @@ def _train_checkpoint(path: Path, backbone_params: dict, shape: tuple[int, ...],
     # the foreground threshold with the best AP@0.5 on these images (as training tunes it on validation data)
     with torch.inference_mode():
         probabilities = InferenceNet(built.net, built.head)(inputs)[:, 1:].numpy()
-    threshold = max(
-        built.head.threshold_candidates,
-        key=lambda t: np.mean([average_precision(lab, built.head.instances(p, t)) for lab, p in zip(labels, probabilities)]),
-    )
-    save_checkpoint(path, config=config, built=built, normalization=Normalization([mean], [std]), threshold=threshold, epoch=1)
+    settings = built.head.tune(list(probabilities), list(labels)).settings
+    save_checkpoint(path, config=config, built=built, normalization=Normalization([mean], [std]), instance_settings=settings, epoch=1)
     return list(images)
 
 
@@ -289,7 +285,7 @@ def test_bioimageio_cli_predict_agrees_with_zoo_predict(demo_package, tmp_path):
     probabilities = tifffile.imread(ours_dir / "cell_probabilities.tif")
     labels = tifffile.imread(ours_dir / "cell_labels.tif")
     assert_agrees(np.concatenate([denoised[None], probabilities])[None], theirs, "denoiseg zoo predict vs bioimageio predict")
-    np.testing.assert_array_equal(labels, model.head.instances(theirs[0, 1:], float(model.threshold)))
+    np.testing.assert_array_equal(labels, model.head.instances(theirs[0, 1:], model.instance_settings))
     assert labels.max() >= 3
 
 
@@ -339,12 +335,12 @@ def test_packaged_imagej_macro_labels_a_3d_output(package_3d, imagej, tmp_path):
     )
     assert labels_path.is_file(), result.stdout + result.stderr
     imagej_labels = np.rint(tifffile.imread(labels_path)).astype(np.int64)
-    ours = segment(model, prediction, float(model.threshold))
+    ours = segment(model, prediction)
     assert imagej_labels.shape == ours.shape == volume.shape
     assert ours.max() >= 3  # a non-trivial comparison
     assert imagej_labels.max() == ours.max()
     # the components (same numbering) are identical; of the border voxels grown into them only
     # those equally near two instances may differ (the macro takes the smaller label)
-    foreground = prediction.probabilities[1] > float(model.threshold)
+    foreground = prediction.probabilities[1] > model.instance_settings.threshold
     np.testing.assert_array_equal(imagej_labels[foreground], ours[foreground])
     assert (imagej_labels == ours).mean() >= 0.999

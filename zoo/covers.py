@@ -61,7 +61,7 @@ def cover_png(raw: np.ndarray, denoised: np.ndarray, labels: np.ndarray, title: 
     panels = [
         ("raw", _stretch(raw_plane, low, high)),
         ("denoised", _stretch(denoised_plane, low, high)),
-        (f"segmentation ({int(len(np.unique(label_plane)) - (label_plane.min() == 0))} nuclei)", None),
+        (f"segmentation ({int(len(np.unique(label_plane)) - (label_plane.min() == 0))} objects)", None),
     ]
     for ax, (name, image) in zip(axes, panels):
         if image is None:

@@ -17,7 +17,7 @@ def _scalar_rows(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(key, _format_value(v)) for key, v in values.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
 
 
-def validation_section(evaluations: Mapping[str, Mapping[str, Any]], threshold: float | None) -> str:
+def validation_section(evaluations: Mapping[str, Mapping[str, Any]], settings: str) -> str:
     """``# Validation``: the model's own evaluation numbers, one table per source."""
     lines = ["# Validation", ""]
     lines.append(
@@ -28,9 +28,8 @@ def validation_section(evaluations: Mapping[str, Mapping[str, Any]], threshold: 
         "`predictions/*_labels.tif` with your masks (`denoiseg evaluate` computes the same numbers)."
     )
     lines.append("")
-    if threshold is not None:
-        lines.append(f"Foreground-probability threshold used for instances: **{threshold:.3g}**.")
-        lines.append("")
+    lines.append(f"Instance settings used: **{settings}**.")
+    lines.append("")
     if not evaluations:
         lines.append("No evaluation numbers were recorded for this model (no validation masks were available at export).")
         lines.append("")
@@ -56,39 +55,35 @@ def readme(
     halo: int,
     mean: Sequence[float],
     std: Sequence[float],
-    threshold: float | None,
+    network: str,
+    head: str,
+    head_outputs: str,
+    instances: str,
+    settings: str,
     macro_name: str | None,
     evaluations: Mapping[str, Mapping[str, Any]],
     training_summary: Mapping[str, Any],
-    head_name: str = "three_class",
 ) -> str:
-    """The README.md shipped as the package documentation."""
+    """The README.md shipped as the package documentation; ``network``, ``head``,
+    ``head_outputs`` and ``instances`` are the backbone's and head's own words."""
     spatial = "z, y, x" if ndim == 3 else "y, x"
     dims = "3D (z-stacks)" if ndim == 3 else "2D"
     channels = ", ".join(f"`{c}`" for c in channel_names)
     stats = ", ".join(f"mean {m:.4g} / std {s:.4g}" for m, s in zip(mean, std))
-    thr = f"{threshold:.3g}" if threshold is not None else "0.5 (not tuned)"
     training = "\n".join(f"- {key}: {_format_value(value)}" for key, value in training_summary.items())
-    if head_name == "three_class":
-        instances = (
-            f"foreground probability > **{thr}**, connected components (4-connected in 2D, 6-connected "
-            "in 3D), each grown into the adjacent predicted border that separates touching nuclei."
-        )
-    else:
-        instances = f"the `{head_name}` head's post-processing at threshold **{thr}** (see that plugin's documentation)."
     if macro_name:
         fiji_labels = (
             f"6. Instance labels: the package's postprocessing macro `{macro_name}` runs after the model and\n"
-            "   opens `<title>_labels` (one integer per nucleus, same labels as `denoiseg predict`). To run it\n"
+            "   opens `<title>_labels` (one integer per object, same labels as `denoiseg predict`). To run it\n"
             f"   by hand, select the model output and use *Plugins > Macros > Run...* on `{macro_name}` from\n"
             "   the model folder."
         )
     else:
         fiji_labels = "6. Instance labels: use `denoiseg zoo predict` (this head has no ImageJ macro)."
     fiji_3d_note = (
-        "\n> In 3D the macro labels the output hyperstack (channels x z slices) with 6-connected components\n"
-        "> and the same border rule. It runs voxel by voxel in the macro language (seconds per million\n"
-        "> voxels); for very large volumes `denoiseg zoo predict` is much faster.\n"
+        "\n> In 3D the macro labels the output hyperstack (channels x z slices) the same way. It runs voxel\n"
+        "> by voxel in the macro language (seconds per million voxels); for very large volumes\n"
+        "> `denoiseg zoo predict` is much faster.\n"
         if ndim == 3 and macro_name
         else ""
     )
@@ -96,9 +91,9 @@ def readme(
 
 {description}
 
-A DenoiSeg model (Buchholz et al. 2020): one U-Net that jointly **denoises** {dims} microscopy
-images (Noise2Void, self-supervised) and **segments nuclei** (3 classes: background, foreground,
-border), trained with `denoiseg` in PyTorch.
+A DenoiSeg model (Buchholz et al. 2020): {network} that jointly **denoises** {dims} microscopy
+images (Noise2Void, self-supervised) and **segments** them with {head}, trained with `denoiseg`
+in PyTorch.
 
 ## Inputs and outputs
 
@@ -106,8 +101,8 @@ border), trained with `denoiseg` in PyTorch.
   Normalisation is part of the package (`fixed_zero_mean_unit_variance` with the training data's
   statistics: {stats}), so do **not** normalise images yourself.
 - **Output** `output`: axes batch, channel, {spatial}; channels {channels}.
-  The denoised channel(s) are in the input's intensity units; the other channels are class
-  probabilities (softmax inside the network, they sum to 1).
+  The denoised channel(s) are in the input's intensity units; the other channels are the head's
+  {head_outputs}.
 - Tile sizes: {min_size} + n x {step} pixels per spatial axis; the output declares a halo of
   {halo} pixels, which tiling consumers (deepImageJ, ilastik, bioimageio.core) discard at tile borders.
 - **Instances**: {instances}
@@ -133,9 +128,8 @@ border), trained with `denoiseg` in PyTorch.
 3. *NN Prediction* applet: click the model field, choose **Load model from file** and select this
    `.zip`; ilastik validates it and loads the TorchScript (or ONNX) weights.
 4. Press **Live Predict** to see the channels {channels}; tiles and halos follow the package.
-5. *Export Data* writes the output channels (e.g. as HDF5 or TIFF). The foreground probability
-   (channel `foreground`) thresholded at {thr} gives the segmentation; `denoiseg zoo predict` also
-   writes the instance labels.
+5. *Export Data* writes the output channels (e.g. as HDF5 or TIFF); the instances follow from
+   them as described above (*Instances*), and `denoiseg zoo predict` writes the instance labels.
 
 ## Use in Python
 
@@ -150,7 +144,7 @@ padded = np.pad(image, [(0, max({min_size}, -(-s // {step}) * {step}) - s) for s
 n = min(16, min((s - {min_size}) // {step} for s in padded.shape))  # tiles of {min_size} + n x {step} pixels
 sample = predict(model=model, inputs=padded[None, None], blocksize_parameter=n)
 output = sample.members["output"].data.to_numpy()[0][(slice(None), *(slice(0, s) for s in image.shape))]
-denoised, probabilities = output[:{in_channels}], output[{in_channels}:]  # ({len(channel_names)}, {spatial})
+denoised, segmentation = output[:{in_channels}], output[{in_channels}:]  # each (channels, {spatial})
 ```
 
 With denoiseg installed: `denoiseg zoo predict this_model.zip image.tif --out results/` writes the
@@ -161,7 +155,7 @@ denoised image, the probabilities and the instance labels; `denoiseg zoo import 
 
 {training}
 
-{validation_section(evaluations, threshold)}
+{validation_section(evaluations, settings)}
 ## References
 
 - T.-O. Buchholz, M. Prakash, D. Schmidt, A. Krull, F. Jug. *DenoiSeg: Joint Denoising and

@@ -3,15 +3,20 @@
 The package is described with bioimageio.spec's own model classes and holds:
 
 * weights as TorchScript, ONNX and a PyTorch state dict with a self-contained architecture
-  source (see :mod:`denoiseg_zoo.architecture` and :mod:`denoiseg_zoo.weights`);
+  source (see :mod:`denoiseg_zoo.architecture` and :mod:`denoiseg_core.exportability`);
 * one input (batch, channel, [z,] y, x) normalised by ``fixed_zero_mean_unit_variance``
   with the training statistics, sizes ``min + n * step`` from the backbone's size divisor;
-* one output with the denoised channel(s) and the head's probabilities (activation inside
+* one output with the denoised channel(s) and the head's channels (activation inside
   the network), a halo from the backbone, and ``scale_linear`` de-normalising the denoised
   channel(s);
 * test and sample tensors, covers from real predictions, a README with a ``# Validation``
-  section, citations, the training config, the threshold and instance settings in
-  ``config.denoiseg``, ``config.deepimagej`` and the ImageJ instance macro.
+  section, citations, the training config, the head's instance settings in
+  ``config.denoiseg``, ``config.deepimagej`` and the head's ImageJ instance macro if it has one.
+
+The exporter only assembles: what the network is comes from the backbone's spec (architecture
+source, size divisor, halo, tags), what its segmentation channels mean and how instances are
+made from them from the head (:meth:`~denoiseg_core.components.SegmentationHead.outputs`,
+``instances_text``, ``imagej_macro``).
 
 The package is written next to ``--out`` under a temporary name, tested with
 ``bioimageio.core.test_model`` for every weight format, and only renamed onto ``--out`` if
@@ -25,7 +30,6 @@ import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,8 @@ from denoiseg_zoo.archive import summary_reason
 PACKAGE_FORMAT = "denoiseg-package/1"
 MACRO_NAME = "denoiseg_instances.ijm"
 DEFAULT_LICENSE = "CC-BY-4.0"
-DEFAULT_TAGS = ("denoiseg", "noise2void", "denoising", "segmentation", "instance-segmentation", "nuclei", "unet", "pytorch")
+#: tags of every package; the backbone's tags (``BackboneSpec.tags``) and the user's are added
+DEFAULT_TAGS = ("denoiseg", "noise2void", "denoising", "segmentation", "instance-segmentation", "pytorch")
 #: the largest test-tensor edge (keeps the package and its tests small)
 TEST_TENSOR_EDGE = 256
 
@@ -182,37 +187,11 @@ def _clean_json(value: Any) -> Any:
     return str(value)
 
 
-#: the segmentation channels the ImageJ macro understands (the built-in three_class head)
-MACRO_CHANNELS = ("background", "foreground", "border")
-
-
-def macro_applies(model: LoadedModel) -> bool:
-    """Whether the ImageJ instance macro fits this model's head."""
-    return tuple(model.built.head.channel_names) == MACRO_CHANNELS
-
-
-def render_macro(model: LoadedModel, head_params: dict, threshold: float) -> str:
-    """The packaged ImageJ macro with this model's settings written into its settings block."""
-    template = resources.files("denoiseg_zoo").joinpath(MACRO_NAME).read_text(encoding="utf-8")
-    settings = {
-        "threshold": f"{threshold:.9g}",
-        "denoisedChannels": str(model.in_channels),
-        "growIntoBorder": "1" if head_params.get("grow_into_border", True) else "0",
-        "outerBorder": "1" if head_params.get("border_mode", "outer") == "outer" else "0",
-        "minSize": str(int(head_params.get("min_size", 0))),
-    }
-    for key, value in settings.items():
-        template, count = re.subn(rf"(?m)^{key} = .*;$", f"{key} = {value};", template, count=1)
-        if count != 1:
-            raise RuntimeError(f"macro template lacks the setting {key}")
-    return template
-
-
 def _evaluations(model: LoadedModel, sample_scores: dict | None) -> dict[str, dict]:
     extra = model.state.get("extra") or {}
     found: dict[str, dict] = {}
     for key, title in (("evaluation", "Evaluation recorded in the checkpoint"),
-                       ("validation", "Validation data used during training (threshold tuning)")):
+                       ("validation", "Validation data used during training (tuning the instance settings)")):
         value = extra.get(key)
         if isinstance(value, dict) and value:
             found[title] = value
@@ -262,7 +241,7 @@ def build_description(
         WeightsDescr,
     )
 
-    head = model.built.head
+    head_channels = model.built.head.outputs().channels
     spatial_ids = ["z", "y", "x"][-model.ndim :]
     input_id, output_id = TensorId("input"), TensorId("output")
     in_names = ["raw"] if model.in_channels == 1 else [f"raw{c}" for c in range(model.in_channels)]
@@ -276,8 +255,7 @@ def build_description(
         normalise = FixedZeroMeanUnitVarianceDescr(
             kwargs=FixedZeroMeanUnitVarianceAlongAxisKwargs(axis=AxisId("channel"), mean=mean, std=std)
         )
-    n_prob = head.num_classes
-    gain, offset = std + [1.0] * n_prob, mean + [0.0] * n_prob
+    gain, offset = std + [1.0] * len(head_channels), mean + [0.0] * len(head_channels)
     # bioimageio rejects an identity scale_linear (training data already had mean 0, std 1)
     identity = all(g == 1.0 for g in gain) and all(o == 0.0 for o in offset)
     denormalise = [] if identity else [
@@ -300,10 +278,11 @@ def build_description(
     )
     output_descr = OutputTensorDescr(
         id=output_id,
-        description="denoised image (input intensity units), then the class probabilities " + "/".join(head.channel_names),
+        # bioimage.io allows 128 characters; what each channel holds is in the README and config.denoiseg
+        description=("denoised image (input intensity units), then the head's channels " + "/".join(c.name for c in head_channels))[:128],
         axes=[
             BatchAxis(),
-            ChannelAxis(channel_names=[Identifier(n) for n in denoised_names + list(head.channel_names)]),
+            ChannelAxis(channel_names=[Identifier(n) for n in denoised_names + [c.name for c in head_channels]]),
             *[
                 SpaceOutputAxisWithHalo(
                     id=AxisId(a), halo=geometry.halo, size=SizeReference(tensor_id=input_id, axis_id=AxisId(a))
@@ -344,7 +323,7 @@ def build_description(
         raise DenoiSegError(
             f"--license {options.license!r} is not an SPDX license id known to bioimage.io (e.g. CC-BY-4.0, MIT, BSD-3-Clause)"
         ) from None
-    tags = list(dict.fromkeys([*DEFAULT_TAGS, f"{model.ndim}d", *options.tags]))
+    tags = list(dict.fromkeys([*DEFAULT_TAGS, *model.built.backbone_spec.tags, f"{model.ndim}d", *options.tags]))
     attachments = [FileDescr(source=files[k]) for k in ("training_config", "macro") if k in files]
     return ModelDescr(
         name=options.name,
@@ -407,7 +386,7 @@ def export_package(
     from bioimageio.spec import save_bioimageio_package
     from pydantic import ValidationError
 
-    from denoiseg_core.evaluation import segment, segmentation_threshold
+    from denoiseg_core.evaluation import instance_settings, segment
     from denoiseg_core.prediction import predict_image
 
     out = Path(out)
@@ -423,7 +402,7 @@ def export_package(
     geometry = geometry_for(model)
     arch = arch_export.architecture_export(built)
     head_params = built.head_spec.params.model_validate(model.config.model.head.params).model_dump(mode="json")
-    threshold = segmentation_threshold(model)
+    settings = instance_settings(model)
     label = Path(checkpoint).name if Path(checkpoint).is_dir() else Path(checkpoint).stem
     label = re.sub(r"[^A-Za-z0-9_+\- ()]", "-", label)[:80]
     name = _check_name(options.name or f"DenoiSeg {label} {model.ndim}D")
@@ -431,7 +410,8 @@ def export_package(
     if not options.authors:
         log("note: no --author given; the package lists 'Unknown author'")
     description = options.description or (
-        f"DenoiSeg: joint Noise2Void denoising and 3-class nuclei segmentation of {model.ndim}D microscopy images."
+        f"DenoiSeg: joint Noise2Void denoising and instance segmentation of {model.ndim}D microscopy images "
+        f"({built.backbone_spec.name} backbone, {built.head_spec.name} head)."
     )
     options = ExportOptions(**{**options.__dict__, "name": name, "authors": authors, "description": description})
 
@@ -447,7 +427,7 @@ def export_package(
 
     # Real predictions for the covers (and the sample scores when masks were given).
     predictions = [predict_image(model, s) for s in samples]
-    labels = [segment(model, p, threshold) for p in predictions]
+    labels = [segment(model, p, settings) for p in predictions]
     sample_scores = None
     if masks:
         from denoiseg_core.metrics import evaluate_segmentation
@@ -493,18 +473,21 @@ def export_package(
         put("onnx", "weights.onnx", exportability.export_onnx(inference, example, built.backbone_spec.name))
 
         put("training_config", "training_config.yaml", yaml.safe_dump(_clean_json(model.config.model_dump(mode="json")), sort_keys=False))
-        if macro_applies(model):
-            put("macro", MACRO_NAME, render_macro(model, head_params, threshold))
+        macro = built.head.imagej_macro(settings, model.in_channels)
+        if macro is not None:
+            put("macro", MACRO_NAME, macro)
         else:
-            log(f"note: head {model.config.model.head.name!r} has channels {model.built.head.channel_names}; no ImageJ macro packaged")
+            log(f"note: head {built.head_spec.name!r} has no ImageJ macro; none packaged")
         for index, (sample, prediction, label) in enumerate(zip(samples[:2], predictions[:2], labels[:2])):
             put(f"cover{index}", f"cover{index}.png", cover_png(sample, prediction.denoised, label))
         put(
             "readme",
             "README.md",
-            _readme(model, options, geometry, threshold, evaluations, head_params),
+            _readme(model, options, geometry, evaluations, head_params, macro is not None),
         )
-        config_section = _config_section(model, geometry, threshold, head_params, evaluations, test_input, test_output, synthetic)
+        config_section = _config_section(
+            model, geometry, head_params, evaluations, test_input, test_output, synthetic, macro is not None
+        )
         try:
             descr = build_description(model, files, geometry, options, arch, config_section, f"{how} with torch {torch.__version__}")
         except ValidationError as exc:
@@ -547,17 +530,18 @@ def _pydantic_reason(exc: Exception) -> str:
 def _config_section(
     model: LoadedModel,
     geometry: TensorGeometry,
-    threshold: float,
     head_params: dict,
     evaluations: dict,
     test_input: np.ndarray,
     test_output: np.ndarray,
     synthetic: bool,
+    has_macro: bool,
 ) -> dict:
     head = model.built.head
+    outputs = head.outputs()
+    settings = model.instance_settings
     n = model.in_channels
     spatial = test_input.shape[2:]
-    macro = macro_applies(model)
     ij_size = lambda shape, channels: " x ".join(map(str, [shape[-1], shape[-2], shape[-3] if len(shape) == 3 else 1, channels]))  # noqa: E731
     return _clean_json(
         {
@@ -568,28 +552,26 @@ def _config_section(
                 "ndim": model.ndim,
                 "in_channels": n,
                 "normalization": model.normalization.to_dict(),
-                "threshold": threshold,
-                "threshold_tuned": model.threshold is not None,
+                "instance_settings": settings.model_dump(mode="json"),
+                "instance_settings_tuned": model.tuned_settings is not None,
                 "size_divisor": int(model.built.size_divisor),
                 "backbone_halo": int(model.built.halo),
                 "halo": geometry.halo,
+                # "probabilities": the head's channels (class probabilities for the built-in heads)
                 "output_channels": {"denoised": list(range(n)), "probabilities": list(range(n, n + head.num_classes))},
                 "backbone": {"name": model.config.model.backbone.name, "params": model.built.backbone_params.model_dump(mode="json")},
                 "head": {
                     "name": model.config.model.head.name,
                     "params": head_params,
-                    "channel_names": list(head.channel_names),
+                    "channels": [
+                        {"name": c.name, "role": c.role, "description": c.description, "channel": n + i}
+                        for i, c in enumerate(outputs.channels)
+                    ],
                 },
                 "instances": {
-                    "threshold": threshold,
-                    "foreground_channel": n + 1,
-                    "border_channel": n + 2,
-                    "background_channel": n,
-                    "connectivity": "face neighbours (4 in 2D, 6 in 3D)",
-                    "grow_into_border": head_params.get("grow_into_border"),
-                    "border_mode": head_params.get("border_mode"),
-                    "min_size": head_params.get("min_size"),
-                    "imagej_macro": MACRO_NAME if macro else None,
+                    "settings": settings.model_dump(mode="json"),
+                    "description": head.instances_text(settings),
+                    "imagej_macro": MACRO_NAME if has_macro else None,
                 },
                 "training_config": model.config.model_dump(mode="json"),
                 "evaluation": evaluations,
@@ -602,7 +584,7 @@ def _config_section(
                 "model_keys": None,
                 "prediction": {
                     "preprocess": [{"spec": None}],
-                    "postprocess": [{"spec": "ij.IJ::runMacroFile", "kwargs": MACRO_NAME} if macro else {"spec": None}],
+                    "postprocess": [{"spec": "ij.IJ::runMacroFile", "kwargs": MACRO_NAME} if has_macro else {"spec": None}],
                 },
                 "test_information": {
                     "inputs": [{"name": "test_input.npy", "size": ij_size(spatial, n), "pixel_size": {"x": 1.0, "y": 1.0, "z": 1.0}}],
@@ -619,17 +601,18 @@ def _readme(
     model: LoadedModel,
     options: ExportOptions,
     geometry: TensorGeometry,
-    threshold: float,
     evaluations: dict,
     head_params: dict,
+    has_macro: bool,
 ) -> str:
     from denoiseg_zoo.documentation import readme
 
     config = model.config
-    head = model.built.head
+    built = model.built
+    outputs = built.head.outputs()
     denoised = ["denoised"] if model.in_channels == 1 else [f"denoised{c}" for c in range(model.in_channels)]
     training = {
-        "backbone": f"{config.model.backbone.name} {model.built.backbone_params.model_dump(mode='json')}",
+        "backbone": f"{config.model.backbone.name} {built.backbone_params.model_dump(mode='json')}",
         "head": f"{config.model.head.name} {head_params}",
         "masking": config.model.masking.name,
         "alpha (denoising weight)": config.training.alpha,
@@ -645,15 +628,18 @@ def _readme(
         description=options.description or "",
         ndim=model.ndim,
         in_channels=model.in_channels,
-        channel_names=denoised + list(head.channel_names),
+        channel_names=denoised + [c.name for c in outputs.channels],
         min_size=geometry.min_size,
         step=geometry.step,
         halo=geometry.halo,
         mean=model.normalization.mean,
         std=model.normalization.std,
-        threshold=threshold,
-        macro_name=MACRO_NAME if macro_applies(model) else None,
-        head_name=config.model.head.name,
+        network=f"a `{built.backbone_spec.name}` network ({built.backbone_spec.description})",
+        head=f"the `{built.head_spec.name}` head ({built.head_spec.description})",
+        head_outputs=outputs.summary,
+        instances=built.head.instances_text(model.instance_settings),
+        settings=model.instance_settings.describe(),
+        macro_name=MACRO_NAME if has_macro else None,
         evaluations=evaluations,
         training_summary=training,
     )

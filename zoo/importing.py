@@ -24,7 +24,7 @@ from denoiseg_core.io import check_outputs
 from denoiseg_core.model import build_model
 
 from denoiseg_zoo.archive import PackageError, load_package, read_member, source_name
-from denoiseg_zoo.runtime import denoiseg_section
+from denoiseg_zoo.runtime import denoiseg_section, package_head
 
 
 def checkpoint_state_from_package(path: Path) -> dict[str, Any]:
@@ -61,7 +61,11 @@ def checkpoint_state_from_package(path: Path) -> dict[str, Any]:
         built.net.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         raise PackageError(f"the weights do not fit the packaged network ({str(exc).splitlines()[0]})", path) from None
-    threshold = section.get("threshold") if section.get("threshold_tuned", True) else None
+    try:
+        settings = package_head(section)[1]
+    except (KeyError, TypeError, ValueError, ValidationError) as exc:
+        raise PackageError(f"config.denoiseg has no valid instance settings ({type(exc).__name__}: {str(exc).splitlines()[0]})", path) from None
+    tuned = section.get("instance_settings_tuned", section.get("threshold_tuned", True))
     return {
         "format": CHECKPOINT_FORMAT,
         "config": config.model_dump(mode="json"),
@@ -74,7 +78,7 @@ def checkpoint_state_from_package(path: Path) -> dict[str, Any]:
         "ndim": ndim,
         "in_channels": in_channels,
         "normalization": normalization,
-        "threshold": None if threshold is None else float(threshold),
+        "instance_settings": settings.model_dump(mode="json") if tuned else None,
         "epoch": int(section.get("epoch") or 0),
         "model_state": {k: v.detach().cpu() for k, v in built.net.state_dict().items()},
         "training_state": None,

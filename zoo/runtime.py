@@ -260,16 +260,24 @@ def create_pipeline(descr: Any, trust_code: bool = False, path: Path | None = No
         raise PackageError(f"cannot load the package's {weight_format} weights ({reason})", path) from None
 
 
-def denoiseg_instances(section: dict, output: np.ndarray) -> np.ndarray:
-    """Instance labels from a denoiseg package's output (C, *spatial) with its head and threshold."""
-    from denoiseg_core.evaluation import instance_labels
+def package_head(section: dict) -> tuple[Any, Any]:
+    """The installed head a denoiseg package names, and the package's instance settings for it
+    (a package exported before heads had settings records a scalar ``threshold``: the head's
+    primary threshold)."""
     from denoiseg_core.plugin_manager import get_registry
 
     head_info = section["head"]
     spec = get_registry().spec("head", head_info["name"])
     head = spec.build(spec.params.model_validate(head_info.get("params") or {}))
-    probabilities = output[section["output_channels"]["probabilities"]]
-    return instance_labels(head, probabilities, section["threshold"])
+    if "instance_settings" in section:
+        return head, head.settings.model_validate(section["instance_settings"])
+    return head, head.settings().with_threshold(float(section["threshold"]))
+
+
+def denoiseg_instances(section: dict, output: np.ndarray) -> np.ndarray:
+    """Instance labels from a denoiseg package's output (C, *spatial) with its head and instance settings."""
+    head, settings = package_head(section)
+    return head.instances(output[section["output_channels"]["probabilities"]], settings)
 
 
 def output_paths(descr: Any, inputs: Sequence[Path], out_dir: Path) -> list[tuple[Path, list[tuple[str, Path]]]]:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from denoiseg_core.cli import inputs
-from denoiseg_core.errors import ConfigError, DataError
+from denoiseg_core.errors import DataError
 
 
 def find_partner(image: Path, folder: Path, what: str) -> Path:
@@ -44,7 +44,7 @@ def evaluate_command(
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write all metrics to this JSON file")] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="foreground threshold (default: the one tuned during training, else 0.5)")
+        float | None, typer.Option(help=inputs.THRESHOLD_HELP)
     ] = None,
     tile: Annotated[
         str | None, typer.Option(help="tile size, e.g. 256,256 or 'auto' (default: whole image when small)")
@@ -63,13 +63,11 @@ def evaluate_command(
 ) -> None:
     """Predict every image in --images and score it against the mask of the same name."""
     from denoiseg_core.data import to_channel_first, validate_mask
-    from denoiseg_core.evaluation import ScoredImage, evaluate, results_json
+    from denoiseg_core.evaluation import ScoredImage, evaluate, instance_settings, results_json
     from denoiseg_core.io import atomic_write_text, check_outputs, read_image
     from denoiseg_core.metrics import format_table
     from denoiseg_core.runtime import resolve_device, resolve_precision
 
-    if threshold is not None and not 0 < threshold < 1:
-        raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")
     model = inputs.load_model(checkpoint, trust_checkpoint)
     tile_size = inputs.parse_tile(tile, model.ndim)
     target = resolve_device(device)
@@ -125,7 +123,7 @@ def evaluate_command(
     results["checkpoint"] = str(model.path)
 
     typer.echo(format_table(results))
-    typer.echo(f"threshold: {results['threshold']:.3f}, precision: {results['precision']}")
+    typer.echo(f"instance settings: {instance_settings(model, threshold).describe()}, precision: {results['precision']}")
     if clean_files is not None:
         typer.echo(f"PSNR: denoised {results['psnr']:.2f} dB (noisy input {results['psnr_input']:.2f} dB)")
     if json_path is not None:

@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from denoiseg_core.checkpoint import LoadedModel
 
 
+#: help of ``--threshold`` (predict, evaluate)
+THRESHOLD_HELP = (
+    "the head's primary threshold (the foreground threshold of the built-in heads); "
+    "default: the instance settings tuned during training, else the head's defaults"
+)
+
+
 def parse_tile(text: str | None, ndim: int) -> tuple[int, ...] | str | None:
     """``"256,256"`` -> (256, 256); ``"auto"`` stays; ``None`` -> None (whole image when small)."""
     if text is None:

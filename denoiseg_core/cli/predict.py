@@ -16,6 +16,7 @@ import numpy as np
 import typer
 
 from denoiseg_core.cli.inputs import (
+    THRESHOLD_HELP,
     TrustCheckpointOption,
     collect_inputs,
     load_model,
@@ -82,7 +83,7 @@ def predict_command(
         bool, typer.Option("--probabilities/--no-probabilities", help="also write NAME_probabilities.tif (K, *spatial)")
     ] = False,
     threshold: Annotated[
-        float | None, typer.Option(help="foreground threshold (default: the one tuned during training, else 0.5)")
+        float | None, typer.Option(help=THRESHOLD_HELP)
     ] = None,
     tile: Annotated[
         str | None,
@@ -103,15 +104,13 @@ def predict_command(
     """Denoise and segment images: writes NAME_denoised.tif and NAME_labels.tif for each input."""
     from rich.table import Table
 
-    from denoiseg_core.evaluation import segment, segmentation_threshold
+    from denoiseg_core.evaluation import instance_settings, segment
     from denoiseg_core.io import write_tiff
     from denoiseg_core.prediction import predict_image
     from denoiseg_core.runtime import resolve_device
 
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: use auto, fp32 or bf16")
-    if threshold is not None and not 0 < threshold < 1:
-        raise ConfigError(f"--threshold {threshold}: must be between 0 and 1")
     model = load_model(checkpoint, trust_checkpoint)
     tile_size = parse_tile(tile, model.ndim)
     target = resolve_device(device)
@@ -122,7 +121,7 @@ def predict_command(
     for file in files:
         precheck_input(file, model)
     keep_channel_axis = model_axes(model).startswith("C")
-    used_threshold = segmentation_threshold(model, threshold)
+    settings = instance_settings(model, threshold)
 
     console = stderr_console()
     rows = []
@@ -135,7 +134,7 @@ def predict_command(
             prediction = predict_image(
                 model, image, tile=tile_size, batch_size=batch_size, device=target, precision=precision
             )
-            labels = segment(model, prediction, used_threshold)
+            labels = segment(model, prediction, settings)
             denoised = prediction.denoised if keep_channel_axis else prediction.denoised[0]
             written = tuple(files)
             replace = overwrite or skip_existing  # skip_existing: outputs of a cut-off image are redone
@@ -149,7 +148,7 @@ def predict_command(
             progress.advance(task)
 
     note = f", {skipped} skipped (outputs exist)" if skipped else ""
-    table = Table(title=f"denoiseg predict: {len(files)} image(s){note} -> {out}  (threshold {used_threshold:.2f})")
+    table = Table(title=f"denoiseg predict: {len(files)} image(s){note} -> {out}  ({settings.describe()})")
     for column, justify in (("image", "left"), ("shape", "right"), ("objects", "right"), ("seconds", "right")):
         table.add_column(column, justify=justify)
     for name, shape, objects, seconds in rows:

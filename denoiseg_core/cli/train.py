@@ -63,8 +63,8 @@ def train_command(
         return
     typer.echo(f"best checkpoint: {result.best_checkpoint}")
     typer.echo(f"last checkpoint: {result.last_checkpoint}")
-    if result.threshold is not None:
-        typer.echo(f"tuned foreground threshold: {result.threshold:.2f} (validation AP@0.5 {result.validation['ap50']:.3f})")
+    if result.instance_settings is not None:
+        typer.echo(f"tuned instance settings: {result.instance_settings.describe()} (validation AP@0.5 {result.validation['ap50']:.3f})")
     typer.echo(f"log: {result.run_dir / 'log.csv'}  curves: {result.run_dir / 'training_curves.png'}")
 
 

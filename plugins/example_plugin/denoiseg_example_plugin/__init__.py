@@ -1,4 +1,5 @@
-"""denoiseg-example-plugin: registers the ``tiny_resnet`` backbone with denoiseg.
+"""denoiseg-example-plugin: registers the ``tiny_resnet`` backbone and the ``distance_map``
+segmentation head (see :mod:`denoiseg_example_plugin.distance_head`) with denoiseg.
 
 denoiseg imports this module through the ``denoiseg.plugins`` entry point declared in
 this distribution's ``pyproject.toml`` and calls the hook implementations below.
@@ -11,9 +12,10 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from torch import nn
 
-from denoiseg_core.components import ArchitectureSource, BackboneSpec, ComponentParams
+from denoiseg_core.components import ArchitectureSource, BackboneSpec, ComponentParams, HeadSpec
 from denoiseg_core.hookspecs import hookimpl
 from denoiseg_example_plugin import tiny_resnet_arch
+from denoiseg_example_plugin.distance_head import DISTANCE_MAP
 
 __version__ = "0.1.0"
 
@@ -71,3 +73,8 @@ def denoiseg_register_backbones() -> list[BackboneSpec]:
             ),
         )
     ]
+
+
+@hookimpl
+def denoiseg_register_heads() -> list[HeadSpec]:
+    return [DISTANCE_MAP]
