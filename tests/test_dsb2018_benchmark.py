@@ -150,3 +150,18 @@ def test_readme_table_is_the_benchmarks_own_output():
         text = document.read_text()
         shown = text.split(dsb.TABLE_START, 1)[1].split(dsb.TABLE_END, 1)[0]
         assert shown == "\n" + body, f"{document.name}: table out of date, run `python benchmarks/dsb2018.py report`"
+
+
+def test_every_recipe_trains_with_its_methods_alpha_unless_it_sets_one(tmp_path):
+    # a recipe's settings must not override the method's loss weighting by accident: the baseline and
+    # Sequential train segmentation only, N2V denoising only, DenoiSeg recipes at 0.5 unless they say otherwise
+    dsb = _load_benchmark()
+    for name, recipe in dsb.RECIPES.items():
+        spec = dsb.RunSpec("tiny", name, 20.0, 10, 0)
+        config = dsb.make_config(spec, dsb.BUDGETS["tiny"], tmp_path / name)
+        expected = recipe.training.get("alpha", dsb.METHOD_ALPHA[recipe.method])
+        assert config.training.alpha == expected, name
+        if recipe.method in ("baseline", "sequential"):
+            assert config.training.alpha == 0.0, name
+        if recipe.method == "n2v":
+            assert config.training.alpha == 1.0, name
