@@ -108,7 +108,8 @@ class Budget:
     def description(self) -> str:
         learning_rate = f"{self.learning_rate:.0e}".replace("e-0", "e-")  # 4e-4, as the paper writes it
         return (
-            f"U-Net depth {self.backbone['depth']}, {self.backbone['first_filters']} first filters, batch "
+            f"U-Net depth {self.backbone['depth']}, {self.backbone['first_filters']} first filters"
+            f"{' (the paper shape: halved second convolutions)' if self.backbone.get('halve_second_conv') else ''}, batch "
             f"{self.batch_size}, {self.patch_size}x{self.patch_size} patches, {self.epochs} epochs x "
             f"{self.steps_per_epoch} steps, Adam {learning_rate} halved after {self.lr_patience} epochs "
             f"without improvement ({self.note})"
@@ -165,12 +166,25 @@ class Recipe:
 
     ``training`` holds ``training.*`` config values; ``warm_start_fraction`` there is turned into
     ``warm_start_epochs`` of the budget. A recipe that leaves a setting out gets the config's
-    default, so ``default`` is exactly what ``denoiseg train`` does.
+    default, so ``default`` is exactly what ``denoiseg train`` does. ``backbone`` changes the
+    budget's U-Net parameters and ``epochs_scale`` its number of epochs (a bigger network at
+    equal wall-clock time trains fewer steps).
     """
 
     method: str
     description: str
     training: dict[str, Any] = field(default_factory=dict)
+    backbone: dict[str, Any] = field(default_factory=dict)
+    epochs_scale: float = 1.0
+
+    def budget(self, budget: Budget) -> Budget:
+        """``budget`` with this recipe's network and number of epochs."""
+        if not self.backbone and self.epochs_scale == 1.0:
+            return budget
+        epochs = max(1, round(budget.epochs * self.epochs_scale))
+        return replace(budget, backbone={**budget.backbone, **self.backbone}, epochs=epochs,
+                       lr_patience=max(1, round(budget.lr_patience * self.epochs_scale)),
+                       note=f"{budget.note}; {epochs} of its {budget.epochs} epochs for this recipe's network")
 
 
 #: the settings of the first DenoiSeg port (before this ablation); recipes below change one lever
@@ -222,6 +236,16 @@ RECIPES: dict[str, Recipe] = {
     "combo_d_weight_decay": Recipe("denoiseg", "combo_d + AdamW weight decay 0.05", {**_COMBO_D, "weight_decay": 0.05}),
     "combo_d_jitter": Recipe("denoiseg", "combo_d + random gain/offset 0.2 per patch",
                              {**_COMBO_D, "intensity_jitter": 0.2}),
+    # one more lever at a time on top of the default (combo_d_jitter)
+    "default_alpha_ramp": Recipe("denoiseg", "the default with alpha falling linearly from 0.5 to 0.2 over the "
+                                 "steps (denoising first, segmentation later)", {"alpha_final": 0.2}),
+    "default_uncertainty": Recipe("denoiseg", "the default with learned loss weights (uncertainty weighting, "
+                                  "Kendall et al. 2018) instead of alpha", {"loss_weighting": "uncertainty"}),
+    "default_labelled_ramp": Recipe("denoiseg", "the default with the labelled fraction of each batch falling "
+                                    "linearly from 0.75 to 0.25", {"labelled_fraction": 0.75,
+                                                                  "labelled_fraction_final": 0.25}),
+    "default_elastic": Recipe("denoiseg", "the default + elastic deformation (2 px) of half the labelled patches",
+                              {"elastic_deformation": 2.0}),
     "combo_c": Recipe("denoiseg", "EMA + warm start + half labelled",
                       {**_TUNED, "ema_decay": 0.99, "warm_start_fraction": 1 / 3, "labelled_fraction": 0.5}),
     "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),
@@ -475,7 +499,7 @@ def run_one(spec: RunSpec, data: Prepared, work_dir: Path, log) -> dict[str, Any
     """Train one method at one setting and evaluate it on the test images."""
     from denoiseg_core.training import Trainer
 
-    budget = BUDGETS[spec.budget]
+    budget = RECIPES[spec.recipe].budget(BUDGETS[spec.budget])
     train_crops, labelled_indices = few_shot(data.train_crops, spec.n_labelled, spec.seed)
     if spec.method in ("baseline", "sequential"):
         train_records = [r for r in train_crops if r.labels is not None]

@@ -111,6 +111,32 @@ class TrainingConfig(StrictModel):
         description="augment patches by a random gain exp(u) and offset u (u uniform in [-j, j], normalised units) per "
         "patch; 0: none, as the paper; 0.2 is part of the default recipe chosen on validation data",
     )
+    alpha_final: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="loss balancing schedule: alpha moves linearly from `alpha` to this value over the joint "
+        "(post-warm-start) training steps; None: constant alpha. Validation losses use `alpha`, so epochs compare",
+    )
+    loss_weighting: Literal["fixed", "uncertainty"] = Field(
+        "fixed",
+        description="fixed: alpha weighs the two terms; uncertainty: learned weights, each term times exp(-s) plus "
+        "s/2 with one learned log-variance s per term (Kendall, Gal & Cipolla 2018), alpha only for validation",
+    )
+    labelled_fraction_final: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="labelled_fraction at the last training step, reached linearly from `labelled_fraction` over all "
+        "steps; None: constant",
+    )
+    elastic_deformation: float = Field(
+        0.0,
+        ge=0,
+        description="augment half of the labelled patches by a smooth random elastic deformation of this many pixels "
+        "(standard deviation of the displacement); those patches are left out of the denoising term (interpolation "
+        "correlates their noise); 0: none, as the paper",
+    )
     semi_supervised: ComponentConfig | None = Field(
         default_factory=lambda: ComponentConfig(
             name="mean_teacher", params={"loss": "cross_entropy", "confidence": 0.9, "weight": 1.0}
@@ -124,6 +150,10 @@ class TrainingConfig(StrictModel):
     def _teacher_needs_ema(self) -> TrainingConfig:
         if self.semi_supervised is not None and self.ema_decay is None:
             raise ValueError("semi_supervised needs ema_decay (its teacher is the moving average of the weights)")
+        if self.alpha_final is not None and self.loss_weighting == "uncertainty":
+            raise ValueError("alpha_final schedules a fixed weighting; loss_weighting 'uncertainty' learns the weights")
+        if self.labelled_fraction_final is not None and self.labelled_fraction is None:
+            raise ValueError("labelled_fraction_final needs labelled_fraction (the schedule's start)")
         if self.warm_start_epochs >= self.epochs:
             raise ValueError(f"warm_start_epochs ({self.warm_start_epochs}) must be less than epochs ({self.epochs})")
         return self

@@ -518,19 +518,26 @@ class PatchSampler:
     def __len__(self) -> int:
         return len(self.images)
 
-    def _choose_images(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    def _choose_images(self, batch_size: int, rng: np.random.Generator, labelled_fraction: float | None) -> np.ndarray:
         n = len(self.images)
-        if self.labelled_fraction is None or self._p_labelled is None:
+        if labelled_fraction is None or self._p_labelled is None:
             return rng.choice(n, size=batch_size, p=self._p_all)
-        n_lab = int(math.floor(self.labelled_fraction * batch_size + 0.5))
+        n_lab = int(math.floor(labelled_fraction * batch_size + 0.5))
         return np.concatenate(
             [rng.choice(n, size=n_lab, p=self._p_labelled), rng.choice(n, size=batch_size - n_lab, p=self._p_all)]
         )
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample(
+        self, batch_size: int, rng: np.random.Generator, labelled_fraction: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A batch: patches float32 ``(B, C, *P)`` (normalised), targets ``(B, *target shape)`` of
-        the target's dtype (zeros where unlabelled) and a bool ``(B,)`` that is True for labelled patches."""
-        chosen = self._choose_images(batch_size, rng)
+        the target's dtype (zeros where unlabelled) and a bool ``(B,)`` that is True for labelled patches.
+        ``labelled_fraction`` replaces the sampler's own for this batch (a schedule over the steps)
+        when the sampler draws labelled patches separately at all."""
+        fraction = self.labelled_fraction
+        if fraction is not None and labelled_fraction is not None:
+            fraction = labelled_fraction
+        chosen = self._choose_images(batch_size, rng, fraction)
         patches = np.empty((batch_size, self.channels, *self.patch_size), dtype=np.float32)
         targets = np.zeros((batch_size, *self.target.shape(self.patch_size)), dtype=self.target.dtype)
         labelled = self._labelled[chosen].copy()
@@ -564,16 +571,32 @@ class PatchStream(torch_data.IterableDataset):
     whole batches from its own generator, seeded by ``seed`` plus the worker's id, so a
     seeded run gives the same batches in the same order (the loader takes them from the
     workers in turn). In the main process (``num_workers=0``) the stream uses ``seed`` alone.
+
+    ``fraction_at(i)`` gives the labelled fraction of the run's ``i``-th batch (a schedule; ``None``:
+    the sampler's own); the stream starts at batch ``first_batch``.
     """
 
-    def __init__(self, sampler: PatchSampler, batch_size: int, seed: int | Sequence[int] = 0):
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        batch_size: int,
+        seed: int | Sequence[int] = 0,
+        fraction_at: Callable[[int], float | None] | None = None,
+        first_batch: int = 0,
+    ):
         super().__init__()
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.seed = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+        self.fraction_at = fraction_at
+        self.first_batch = int(first_batch)
 
     def __iter__(self):
         info = torch_data.get_worker_info()
         rng = np.random.default_rng(self.seed if info is None else [*self.seed, info.id])
+        # the loader takes batches from its workers in turn
+        index, stride = (self.first_batch, 1) if info is None else (self.first_batch + info.id, info.num_workers)
         while True:
-            yield self.sampler.sample(self.batch_size, rng)
+            fraction = self.fraction_at(index) if self.fraction_at is not None else None
+            yield self.sampler.sample(self.batch_size, rng, fraction)
+            index += stride

@@ -77,3 +77,26 @@ def denoiseg_loss(
     seg_term = head.loss(seg_logits, targets, labelled)
     total = alpha * denoise_term + (1.0 - alpha) * seg_term
     return total, denoise_term, seg_term
+
+
+class UncertaintyWeighting(torch.nn.Module):
+    """Learned weights of the two loss terms (Kendall, Gal & Cipolla 2018, "Multi-task learning
+    using uncertainty to weigh losses"): with one learned log-variance ``s`` per term,
+    ``0.5 * exp(-s_d) * denoise + exp(-s_s) * seg + 0.5 * (s_d + s_s)`` (the regression and the
+    classification form). A term's weight falls as its loss stays high, so neither scale is guessed.
+    A batch without labelled patches has no segmentation term, so its ``s_s`` gets no push either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_variances = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, denoise_term: torch.Tensor, seg_term: torch.Tensor, seg_present: torch.Tensor) -> torch.Tensor:
+        """The weighted total; ``seg_present``: a bool tensor, whether the batch had labelled patches."""
+        s_denoise, s_seg = self.log_variances[0], self.log_variances[1]
+        seg = (torch.exp(-s_seg) * seg_term + 0.5 * s_seg) * seg_present.to(s_seg.dtype)
+        return 0.5 * torch.exp(-s_denoise) * denoise_term + 0.5 * s_denoise + seg
+
+    def weights(self) -> tuple[float, float]:
+        """The current weights of ``(denoise, seg)``, for the log."""
+        denoise, seg = torch.exp(-self.log_variances.detach().float()).tolist()
+        return 0.5 * denoise, seg

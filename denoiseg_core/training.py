@@ -43,6 +43,7 @@ from denoiseg_core.data import (
     compute_normalization,
     load_training_data,
 )
+from denoiseg_core.augmentation import elastic_deform
 from denoiseg_core.errors import ConfigError, DenoiSegError
 from denoiseg_core.evaluation import LiveModel, run_precision, scored_records, tune_instance_settings, validation_ap50
 from denoiseg_core.losses import denoiseg_loss
@@ -62,7 +63,7 @@ from denoiseg_core.safeguards import (
     warn_about_training_data,
 )
 from denoiseg_core.training_report import TrainingReport
-from denoiseg_core.training_state import RandomStreams, TrainingState, seed_everything
+from denoiseg_core.training_state import LinearRamp, RandomStreams, TrainingState, seed_everything
 
 VALIDATION_PATCH_BATCHES = 4
 #: the checkpoint with the lowest validation denoising loss (written when denoising is trained)
@@ -146,6 +147,14 @@ class Trainer:
         self.state = TrainingState(
             self.net, config.training, RandomStreams(config.seed, self.dist.rank, self.device), self.device
         )
+        # labelled_fraction over the run's steps (None: the sampler's constant fraction)
+        self._labelled_fraction_at: LinearRamp | None = None
+        if config.training.labelled_fraction_final is not None:
+            self._labelled_fraction_at = LinearRamp(
+                config.training.labelled_fraction,
+                config.training.labelled_fraction_final,
+                config.training.epochs * config.training.steps_per_epoch,
+            )
         self.semi_supervised = None
         if config.training.semi_supervised is not None:
             chosen = config.training.semi_supervised
@@ -297,16 +306,33 @@ class Trainer:
             out.append(tensor.to(self.device, non_blocking=cuda))
         return tuple(out)
 
-    def _losses(self, patches, targets, labelled, generator, forward=None, alpha=None, semi_supervised=None):
+    def _losses(
+        self,
+        patches,
+        targets,
+        labelled,
+        generator,
+        forward=None,
+        alpha=None,
+        semi_supervised=None,
+        learned_weights=False,
+        no_denoising=None,
+    ):
         """``(total, denoise, seg)`` of a batch; ``semi_supervised``: ``progress`` of the joint
-        training when the semi-supervised term is to be added (training steps only)."""
+        training when the semi-supervised term is to be added (training steps only);
+        ``learned_weights``: weigh the terms by ``training.loss_weighting``'s learned weights rather
+        than alpha (training steps); ``no_denoising``: bool ``(B,)``, patches left out of the denoising term."""
         masked, loss_mask = self.built.masking(patches, generator)
+        if no_denoising is not None:
+            loss_mask = loss_mask & ~no_denoising.view((-1,) + (1,) * (loss_mask.ndim - 1))
         masked = masked.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.precision):
             output = self._forward(forward if forward is not None else self.eval_net, masked)
         denoised, logits = self.net.split(output.float())
         alpha = self.config.training.alpha if alpha is None else alpha
         total, denoise, seg = denoiseg_loss(denoised, patches, loss_mask, logits, targets, labelled, self.built.head, alpha)
+        if learned_weights and self.state.loss_weighting is not None:
+            total = self.state.loss_weighting(denoise, seg, labelled.any())
         if semi_supervised is not None and self.semi_supervised is not None:
             total = total + self.semi_supervised(
                 student_logits=logits,
@@ -338,6 +364,25 @@ class Trainer:
         draws = (2 * draws - 1) * jitter
         return patches * torch.exp(draws[:, 0]) + draws[:, 1]
 
+    def _deform_elastically(self, patches, targets, labelled):
+        """Half of the labelled patches (and their targets) warped (``training.elastic_deformation``);
+        returns the batch and which patches were warped (``None``: none)."""
+        magnitude = self.config.training.elastic_deformation
+        if magnitude <= 0:
+            return patches, targets, None
+        masks = self.state.streams.masks
+        coin = torch.rand(labelled.shape[0], generator=masks, device=masks.device).to(labelled.device) < 0.5
+        chosen = labelled & coin
+        patches, targets = elastic_deform(patches, targets, chosen, magnitude, masks)
+        return patches, targets, chosen
+
+    def _alpha(self, step: int) -> float:
+        """The denoising weight of a joint training step (``training.alpha`` to ``alpha_final``)."""
+        cfg = self.config.training
+        if cfg.alpha_final is None:
+            return cfg.alpha
+        return cfg.alpha + (cfg.alpha_final - cfg.alpha) * self._joint_progress(step)
+
     @property
     def in_warm_start(self) -> bool:
         """Noise2Void only, before the joint loss (``training.warm_start_epochs``)."""
@@ -367,6 +412,7 @@ class Trainer:
         self.net.train()
         patches, targets, labelled = self._to_device(batch)
         patches = self._jitter_intensity(patches)
+        patches, targets, deformed = self._deform_elastically(patches, targets, labelled)
         warm = self.in_warm_start
         total, denoise, seg = self._losses(
             patches,
@@ -374,11 +420,18 @@ class Trainer:
             labelled,
             self.state.streams.masks,
             self._train_forward,
-            alpha=1.0 if warm else None,
+            alpha=1.0 if warm else self._alpha(step),
             semi_supervised=None if warm else self._joint_progress(step),
+            learned_weights=not warm,
+            no_denoising=deformed,
         )
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if self.dist.enabled and self.state.loss_weighting is not None:
+            # DDP averages the network's gradients only; the learned loss weights must agree across ranks too
+            for parameter in self.state.loss_weighting.parameters():
+                if parameter.grad is not None:
+                    parameter.grad = distributed.all_reduce_mean(parameter.grad, self.dist)
         self.optimizer.step()
         self.state.step_done()
         return total.detach(), denoise.detach(), seg.detach()
@@ -393,11 +446,20 @@ class Trainer:
         """
         workers = self.config.training.num_workers
         if workers == 0:
+            index = self.epoch * self.config.training.steps_per_epoch
             while True:
-                yield self.sampler.sample(self.batch_size, self.state.streams.patches)
+                fraction = self._labelled_fraction_at(index) if self._labelled_fraction_at is not None else None
+                yield self.sampler.sample(self.batch_size, self.state.streams.patches, fraction)
+                index += 1
         from torch.utils.data import DataLoader
 
-        stream = PatchStream(self.sampler, self.batch_size, seed=[self.config.seed, self.dist.rank, self.epoch])
+        stream = PatchStream(
+            self.sampler,
+            self.batch_size,
+            seed=[self.config.seed, self.dist.rank, self.epoch],
+            fraction_at=self._labelled_fraction_at,
+            first_batch=self.epoch * self.config.training.steps_per_epoch,
+        )
         loader = DataLoader(
             stream,
             batch_size=None,  # the stream yields whole batches
@@ -504,6 +566,9 @@ class Trainer:
 
     def _finish(self) -> TrainingRun:
         best_path = self.run_dir / "best.pt"
+        if self.state.loss_weighting is not None and self.is_main:
+            denoise_weight, seg_weight = self.state.loss_weighting.weights()
+            self.log(f"learned loss weights: denoising {denoise_weight:.3g}, segmentation {seg_weight:.3g}")
         if not self.is_main:  # rank 0 tunes the instance settings and writes the final checkpoints
             return TrainingRun(self.run_dir, best_path, self.run_dir / "last.pt", self.history, None, {})
         if not best_path.exists():  # e.g. resumed a finished run

@@ -12,6 +12,7 @@ definition and the data, what ``last.pt`` stores so that a resumed run continues
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -24,7 +25,21 @@ from denoiseg_core.checkpoint import load_weights, save_checkpoint
 from denoiseg_core.components import InstanceSettings
 from denoiseg_core.config import DenoiSegConfig, TrainingConfig
 from denoiseg_core.data import Normalization
+from denoiseg_core.losses import UncertaintyWeighting
 from denoiseg_core.model import BuiltModel
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRamp:
+    """``start`` at step 0, ``end`` from step ``steps`` on, linear in between (a plain object,
+    so data-loader workers can take it)."""
+
+    start: float
+    end: float
+    steps: int
+
+    def __call__(self, step: float) -> float:
+        return self.start + (self.end - self.start) * min(1.0, max(0.0, step / max(1, self.steps)))
 
 
 def seed_everything(seed: int) -> None:
@@ -112,10 +127,15 @@ class TrainingState:
 
     def __init__(self, net: torch.nn.Module, training: TrainingConfig, streams: RandomStreams, device: torch.device):
         self.net = net
+        # learned weights of the two loss terms (training.loss_weighting "uncertainty"), optimised with the net
+        self.loss_weighting = UncertaintyWeighting().to(device) if training.loss_weighting == "uncertainty" else None
+        parameters: list[dict[str, Any]] = [{"params": list(net.parameters())}]
+        if self.loss_weighting is not None:
+            parameters.append({"params": list(self.loss_weighting.parameters()), "weight_decay": 0.0})
         # fused Adam: one kernel for all parameters on the GPU; AdamW decouples weight decay
         optimizer_class = torch.optim.AdamW if training.weight_decay > 0 else torch.optim.Adam
         self.optimizer = optimizer_class(
-            net.parameters(),
+            parameters,
             lr=training.learning_rate,
             weight_decay=training.weight_decay,
             fused=device.type == "cuda" or None,
@@ -157,6 +177,7 @@ class TrainingState:
             # the trained (student) weights and the average; model_state holds the average
             "student_state": self.net.state_dict() if self.ema is not None else None,
             "ema_state": self.ema.state_dict() if self.ema is not None else None,
+            "loss_weighting": self.loss_weighting.state_dict() if self.loss_weighting is not None else None,
             **self.streams.state(),
         }
 
@@ -196,6 +217,8 @@ class TrainingState:
             load_weights(self.net, checkpoint["model_state"], path)
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.net.state_dict())
+        if self.loss_weighting is not None and saved.get("loss_weighting") is not None:
+            self.loss_weighting.load_state_dict(saved["loss_weighting"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.history = list(saved["history"])

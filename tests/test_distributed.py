@@ -36,7 +36,9 @@ def test_two_process_gloo_training_writes_a_loadable_checkpoint_and_resumes(tmp_
         "run_dir": str(tmp_path / "run"),
         "data": {"train": str(data["train"]), "validation": str(data["val"]), "patch_size": [32, 32]},
         "model": {"backbone": {"name": "unet", "params": {"depth": 2, "first_filters": 8}}},
-        "training": {"epochs": 1, "steps_per_epoch": 3, "batch_size": 4, "device": "cpu", "precision": "fp32"},
+        # learned loss weights: their gradients are averaged across ranks outside DDP; elastic warps on each rank
+        "training": {"epochs": 1, "steps_per_epoch": 3, "batch_size": 4, "device": "cpu", "precision": "fp32",
+                     "loss_weighting": "uncertainty", "elastic_deformation": 1.0},
     }
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -62,6 +64,7 @@ def test_two_process_gloo_training_writes_a_loadable_checkpoint_and_resumes(tmp_
         assert [int(row["epoch"]) for row in csv.DictReader(fh)] == [1, 2]
     changed = [not torch.equal(state["model_state"][k], v) for k, v in weights_after_first.items() if v.is_floating_point()]
     assert any(changed), "the resumed epoch did not train"
+    assert float(state["training_state"]["loss_weighting"]["log_variances"].abs().min()) > 0
 
 
 def test_single_process_needs_no_process_group(monkeypatch):

@@ -1,6 +1,7 @@
 """The few-shot recipe's levers (EMA, warm start, semi-supervised objective, weight decay,
-intensity jitter, checkpoint choice at the tuned threshold): each runs, does what it says,
-and resumes exactly."""
+intensity jitter, elastic deformation, learned loss weights, alpha and labelled-fraction
+schedules, checkpoint choice at the tuned threshold): each runs, does what it says, and
+resumes exactly."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ ALL_LEVERS = {
     "weight_decay": 1e-4,
     "intensity_jitter": 0.2,
     "semi_supervised": {"name": "mean_teacher", "params": {"ramp_up": 0.5, "confidence": 0.5}},
+    "elastic_deformation": 2.0,
+    "loss_weighting": "uncertainty",
+    "labelled_fraction_final": 0.1,
 }
 
 
@@ -71,19 +75,29 @@ def test_every_lever_together_trains_and_stores_the_moving_average(tiny_config, 
     # the best-denoising checkpoint exists next to the best-segmentation one
     assert (run.run_dir / BEST_DENOISING).is_file()
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    # the learned loss weights trained (they start at log-variance 0) and travel in last.pt for resuming
+    learned = last["training_state"]["loss_weighting"]["log_variances"]
+    assert float(learned.abs().min()) > 0
+    torch.testing.assert_close(learned, trainer.state.loss_weighting.log_variances.detach().cpu())
 
 
 def test_resume_with_every_lever_equals_an_uninterrupted_run(tiny_config, dataset, tmp_path):
     whole = train(_config(tiny_config, dataset, tmp_path / "whole", **ALL_LEVERS), progress=False, log=lambda _: None)
-    first = _config(tiny_config, dataset, tmp_path / "parts", **{**ALL_LEVERS, "epochs": 2})
-    first.training.threshold_tuning = False
-    train(first, progress=False, log=lambda _: None)
+    # interrupted after two of the three epochs (the schedules run over all three)
+    interrupted = Trainer(_config(tiny_config, dataset, tmp_path / "parts", **ALL_LEVERS), progress=False, log=lambda _: None)
+    batches = interrupted.batches()
+    for _ in range(2):
+        interrupted._run_epoch(batches)
+    interrupted._run_lock.release()
     resumed_config = _config(tiny_config, dataset, tmp_path / "parts", **ALL_LEVERS)
     resumed = train(resumed_config, resume=True, progress=False, log=lambda _: None)
     a = read_checkpoint_state(whole.last_checkpoint)
     b = read_checkpoint_state(resumed.last_checkpoint)
     for key in a["model_state"]:
         torch.testing.assert_close(a["model_state"][key], b["model_state"][key])
+    torch.testing.assert_close(
+        a["training_state"]["loss_weighting"]["log_variances"], b["training_state"]["loss_weighting"]["log_variances"]
+    )
 
 
 def test_semi_supervised_objective_needs_a_moving_average(tiny_config, dataset, tmp_path):
@@ -131,3 +145,79 @@ def test_validation_ignores_images_without_objects(dataset):
     full = ImageRecord(image=image, labels=np.eye(8, dtype=np.int32), path=Path("full"))
     unlabelled = ImageRecord(image=image, labels=None, path=Path("none"))
     assert [r.name for r in scored_records([empty, full, unlabelled])] == [full.name]
+
+
+def test_alpha_schedule_moves_from_alpha_to_alpha_final_over_the_joint_steps(tiny_config, dataset, tmp_path):
+    config = _config(tiny_config, dataset, tmp_path / "run", alpha=0.5, alpha_final=0.1, warm_start_epochs=1)
+    trainer = Trainer(config, progress=False, log=lambda _: None)
+    trainer.state.epoch = 1  # the first joint epoch: 6 joint steps in all
+    assert trainer._alpha(0) == pytest.approx(0.5)
+    trainer.state.epoch = 2
+    assert trainer._alpha(0) == pytest.approx(0.5 - 0.4 * 3 / 6)
+    trainer.state.epoch = 3
+    assert trainer._alpha(0) == pytest.approx(0.1)
+    trainer.state.epoch = 0
+    run = trainer.fit()
+    assert all(np.isfinite(float(r["train_loss"])) for r in _rows(run.run_dir))
+
+
+def test_scheduled_labelled_fraction_reaches_the_batches(tiny_config, dataset, tmp_path):
+    config = _config(tiny_config, dataset, tmp_path / "run", batch_size=20, labelled_fraction=1.0,
+                     labelled_fraction_final=0.0, epochs=2, steps_per_epoch=1)
+    trainer = Trainer(config, progress=False, log=lambda _: None)
+    batches = trainer.batches()
+    first = next(batches)[2]  # fraction 1.0: every patch from a labelled image
+    last = next(batches)[2]  # fraction 0.5 at step 1 of 2: 10 drawn from labelled images, 10 from all
+    assert first.all()
+    assert last[:10].all() and last.sum() < 20
+
+
+def test_labelled_fraction_schedule_needs_a_starting_fraction(tiny_config, dataset, tmp_path):
+    with pytest.raises(Exception, match="labelled_fraction_final needs labelled_fraction"):
+        _config(tiny_config, dataset, tmp_path / "r", labelled_fraction=None, labelled_fraction_final=0.2)
+    with pytest.raises(Exception, match="alpha_final schedules a fixed weighting"):
+        _config(tiny_config, dataset, tmp_path / "r", alpha_final=0.2, loss_weighting="uncertainty")
+
+
+def test_learned_loss_weights_settle_where_each_term_is_balanced():
+    from denoiseg_core.losses import UncertaintyWeighting
+
+    weighting = UncertaintyWeighting()
+    optimizer = torch.optim.Adam(weighting.parameters(), lr=0.05)
+    denoise, seg = torch.tensor(0.2), torch.tensor(0.8)
+    for _ in range(2000):
+        optimizer.zero_grad()
+        weighting(denoise, seg, torch.tensor(True)).backward()
+        optimizer.step()
+    # minimum of 0.5 exp(-s) L + s/2 at s = log L; of exp(-s) L + s/2 at s = log 2L
+    torch.testing.assert_close(weighting.log_variances.detach(), torch.log(torch.tensor([0.2, 1.6])), atol=1e-3, rtol=0)
+    # a batch without labelled patches leaves the segmentation weight alone
+    optimizer.zero_grad()
+    weighting(torch.tensor(1.0), seg, torch.tensor(False)).backward()  # off its optimum: the denoising side moves
+    assert float(weighting.log_variances.grad[1]) == 0.0 and float(weighting.log_variances.grad[0]) != 0.0
+
+
+def test_elastic_deformation_warps_chosen_patches_and_their_targets_alike():
+    from denoiseg_core.augmentation import elastic_deform
+
+    y, x = np.mgrid[:64, :64]
+    blobs = np.zeros((64, 64), np.float32)
+    for cy, cx in [(16, 16), (40, 44), (20, 50), (50, 15)]:
+        blobs += np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 60.0).astype(np.float32)
+    patches = torch.from_numpy(np.stack([blobs, blobs]))[:, None]
+    targets = (patches[:, 0] > 0.5).long() + (patches[:, 0] > 0.8).long()  # a 3-class map of the image
+    chosen = torch.tensor([True, False])
+    warped, warped_targets = elastic_deform(patches, targets, chosen, 3.0, torch.Generator().manual_seed(0))
+    # the unchosen patch is untouched, the chosen one moved
+    assert torch.equal(warped[1], patches[1]) and torch.equal(warped_targets[1], targets[1])
+    assert float((warped[0] - patches[0]).abs().max()) > 0.05
+    assert float((warped_targets[0] != targets[0]).float().mean()) > 0.005
+    # classes stay classes, and the warped target is the warped image's class map (up to interpolation at edges)
+    assert set(warped_targets.unique().tolist()) <= {0, 1, 2}
+    recomputed = (warped[0, 0] > 0.5).long() + (warped[0, 0] > 0.8).long()
+    assert float((recomputed == warped_targets[0]).float().mean()) > 0.98
+    # float targets (e.g. distance maps) are warped linearly, per channel
+    float_targets = torch.from_numpy(np.stack([np.stack([blobs, 1 - blobs])] * 2))
+    _, warped_float = elastic_deform(patches, float_targets, chosen, 3.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(warped_float[0, 0], warped[0, 0])
+    torch.testing.assert_close(warped_float[0, 1], 1 - warped[0, 0])
