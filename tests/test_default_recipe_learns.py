@@ -44,7 +44,8 @@ def test_default_recipe_reaches_the_stated_ap_in_seeded_steps(tmp_path):
     )
     defaults = DenoiSegConfig().training
     for name in ("alpha", "labelled_fraction", "best_metric", "ema_decay", "semi_supervised", "warm_start_epochs",
-                 "weight_decay", "intensity_jitter", "augment"):
+                 "weight_decay", "intensity_jitter", "augment", "alpha_final", "loss_weighting", "labelled_fraction_final",
+                 "elastic_deformation"):
         assert getattr(config.training, name) == getattr(defaults, name), name  # the recipe is the default
     run = train(config, progress=False, log=lambda _: None)
     model = load_checkpoint(run.best_checkpoint)
