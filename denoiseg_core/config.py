@@ -121,7 +121,8 @@ class TrainingConfig(StrictModel):
     loss_weighting: Literal["fixed", "uncertainty"] = Field(
         "fixed",
         description="fixed: alpha weighs the two terms; uncertainty: learned weights, each term times exp(-s) plus "
-        "s/2 with one learned log-variance s per term (Kendall, Gal & Cipolla 2018), alpha only for validation",
+        "s/2 with one learned log-variance s per term (Kendall, Gal & Cipolla 2018); alpha then only weighs the "
+        "validation loss, except that alpha 0 or 1 still trains one term only",
     )
     labelled_fraction_final: float | None = Field(
         None,

@@ -331,7 +331,8 @@ class Trainer:
         denoised, logits = self.net.split(output.float())
         alpha = self.config.training.alpha if alpha is None else alpha
         total, denoise, seg = denoiseg_loss(denoised, patches, loss_mask, logits, targets, labelled, self.built.head, alpha)
-        if learned_weights and self.state.loss_weighting is not None:
+        # alpha 0 or 1 asks for one term only, whatever the weighting
+        if learned_weights and self.state.loss_weighting is not None and 0 < alpha < 1:
             total = self.state.loss_weighting(denoise, seg, labelled.any())
         if semi_supervised is not None and self.semi_supervised is not None:
             total = total + self.semi_supervised(

@@ -221,3 +221,22 @@ def test_elastic_deformation_warps_chosen_patches_and_their_targets_alike():
     _, warped_float = elastic_deform(patches, float_targets, chosen, 3.0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(warped_float[0, 0], warped[0, 0])
     torch.testing.assert_close(warped_float[0, 1], 1 - warped[0, 0])
+
+
+def test_learned_loss_weights_replace_alpha_except_for_a_single_term(tiny_config, dataset, tmp_path):
+    config = _config(tiny_config, dataset, tmp_path / "run", loss_weighting="uncertainty")
+    trainer = Trainer(config, progress=False, log=lambda _: None)
+    batch = trainer._to_device(next(trainer.batches()))
+    with torch.no_grad():
+        trainer.state.loss_weighting.log_variances.copy_(torch.tensor([0.3, -0.2]))
+
+    def losses(alpha):
+        return trainer._losses(*batch, torch.Generator().manual_seed(0), alpha=alpha, learned_weights=True)
+
+    total, denoise, seg = losses(0.5)
+    expected = 0.5 * np.exp(-0.3) * denoise + np.exp(0.2) * seg + 0.5 * (0.3 - 0.2)
+    torch.testing.assert_close(total, expected.float())
+    total, denoise, seg = losses(0.0)  # alpha 0: segmentation only, as asked
+    torch.testing.assert_close(total, seg)
+    total, denoise, seg = losses(1.0)
+    torch.testing.assert_close(total, denoise)

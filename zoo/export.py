@@ -616,6 +616,7 @@ def _readme(
         "head": f"{config.model.head.name} {head_params}",
         "masking": config.model.masking.name,
         "alpha (denoising weight)": config.training.alpha,
+        "loss weighting": config.training.loss_weighting,
         "epochs trained": model.state.get("epoch"),
         "patch size": config.data.patch_size,
         "batch size": config.training.batch_size,

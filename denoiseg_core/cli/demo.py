@@ -78,7 +78,8 @@ def demo_command(
         "training": overrides["training"],
     }
     config = load_config(None, base=base)
-    typer.echo(f"[2/5] training (alpha {config.training.alpha}) -> {run_dir}")
+    weighting = "learned loss weights" if config.training.loss_weighting == "uncertainty" else f"alpha {config.training.alpha}"
+    typer.echo(f"[2/5] training ({weighting}) -> {run_dir}")
     result = train(config, log=typer.echo)
 
     typer.echo("[3/5] predicting the test images")
