@@ -190,12 +190,13 @@ class Recipe:
 #: the settings of the first DenoiSeg port (before this ablation); recipes below change one lever
 #: at a time from ``TUNED``, which only picks checkpoints at the tuned threshold
 _LEVERS_OFF = {"ema_decay": None, "warm_start_epochs": 0, "weight_decay": 0.0, "intensity_jitter": 0.0,
-               "semi_supervised": None}
+               "semi_supervised": None, "loss_weighting": "fixed"}
 _V1 = {**_LEVERS_OFF, "labelled_fraction": 0.25, "best_metric": "val_ap50"}
 _TUNED = {**_V1, "best_metric": "val_ap50_tuned"}
 _MEAN_TEACHER = {"name": "mean_teacher", "params": {}}
 _PSEUDO_LABELS = {"name": "mean_teacher", "params": {"loss": "cross_entropy", "confidence": 0.9, "weight": 1.0}}
 _COMBO_D = {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _PSEUDO_LABELS}
+_COMBO_D_JITTER = {**_COMBO_D, "intensity_jitter": 0.2}
 RECIPES: dict[str, Recipe] = {
     "baseline": Recipe("baseline", "segmentation only (alpha 0) on the labelled crops, checkpoint by AP at "
                        "threshold 0.5", {**_V1, "labelled_fraction": None}),
@@ -234,23 +235,23 @@ RECIPES: dict[str, Recipe] = {
     "combo_d_alpha_0.3": Recipe("denoiseg", "combo_d with alpha 0.3 (more weight on segmentation): the default recipe",
                                 {**_COMBO_D, "alpha": 0.3}),
     "combo_d_weight_decay": Recipe("denoiseg", "combo_d + AdamW weight decay 0.05", {**_COMBO_D, "weight_decay": 0.05}),
-    "combo_d_jitter": Recipe("denoiseg", "combo_d + random gain/offset 0.2 per patch",
-                             {**_COMBO_D, "intensity_jitter": 0.2}),
-    # one more lever at a time on top of the default (combo_d_jitter)
-    "default_alpha_ramp": Recipe("denoiseg", "the default with alpha falling linearly from 0.5 to 0.2 over the "
-                                 "steps (denoising first, segmentation later)", {"alpha_final": 0.2}),
-    "default_uncertainty": Recipe("denoiseg", "the default with learned loss weights (uncertainty weighting, "
-                                  "Kendall et al. 2018) instead of alpha", {"loss_weighting": "uncertainty"}),
-    "default_labelled_ramp": Recipe("denoiseg", "the default with the labelled fraction of each batch falling "
-                                    "linearly from 0.75 to 0.25", {"labelled_fraction": 0.75,
+    "combo_d_jitter": Recipe("denoiseg", "combo_d + random gain/offset 0.2 per patch (the default before "
+                             "learned loss weights)", _COMBO_D_JITTER),
+    # one more lever at a time on top of combo_d_jitter (named when it was the default; they measured that)
+    "default_alpha_ramp": Recipe("denoiseg", "combo_d_jitter with alpha falling linearly from 0.5 to 0.2 over the "
+                                 "steps (denoising first, segmentation later)", {**_COMBO_D_JITTER, "alpha_final": 0.2}),
+    "default_uncertainty": Recipe("denoiseg", "combo_d_jitter with learned loss weights (uncertainty weighting, "
+                                  "Kendall et al. 2018) instead of alpha", {**_COMBO_D_JITTER, "loss_weighting": "uncertainty"}),
+    "default_labelled_ramp": Recipe("denoiseg", "combo_d_jitter with the labelled fraction of each batch falling "
+                                    "linearly from 0.75 to 0.25", {**_COMBO_D_JITTER, "labelled_fraction": 0.75,
                                                                   "labelled_fraction_final": 0.25}),
-    "default_elastic": Recipe("denoiseg", "the default + elastic deformation (2 px) of half the labelled patches",
-                              {"elastic_deformation": 2.0}),
+    "default_elastic": Recipe("denoiseg", "combo_d_jitter + elastic deformation (2 px) of half the labelled patches",
+                              {**_COMBO_D_JITTER, "elastic_deformation": 2.0}),
     # equal wall-clock time: on 2 CPU cores (bf16) a training step of the default recipe takes 0.383 s with
     # this network and 0.193 s with the budgets' depth-3/16 U-Net (batch 32, 64x64), so it gets half the epochs
-    "default_paper_unet": Recipe("denoiseg", "the default on the paper's U-Net shape (depth 4, 32 first filters, "
+    "default_paper_unet": Recipe("denoiseg", "combo_d_jitter on the paper's U-Net shape (depth 4, 32 first filters, "
                                  "halved second convolutions, 5.5 M parameters) for half the epochs (equal "
-                                 "wall-clock time on CPU)", backbone={"depth": 4, "first_filters": 32,
+                                 "wall-clock time on CPU)", _COMBO_D_JITTER, backbone={"depth": 4, "first_filters": 32,
                                                                       "halve_second_conv": True},
                                  epochs_scale=0.5),
     "combo_c": Recipe("denoiseg", "EMA + warm start + half labelled",
