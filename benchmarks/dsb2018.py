@@ -235,8 +235,7 @@ RECIPES: dict[str, Recipe] = {
     "combo_d_alpha_0.3": Recipe("denoiseg", "combo_d with alpha 0.3 (more weight on segmentation): the default recipe",
                                 {**_COMBO_D, "alpha": 0.3}),
     "combo_d_weight_decay": Recipe("denoiseg", "combo_d + AdamW weight decay 0.05", {**_COMBO_D, "weight_decay": 0.05}),
-    "combo_d_jitter": Recipe("denoiseg", "combo_d + random gain/offset 0.2 per patch (the default before "
-                             "learned loss weights)", _COMBO_D_JITTER),
+    "combo_d_jitter": Recipe("denoiseg", "combo_d + random gain/offset 0.2 per patch", _COMBO_D_JITTER),
     # one more lever at a time on top of combo_d_jitter (named when it was the default; they measured that)
     "default_alpha_ramp": Recipe("denoiseg", "combo_d_jitter with alpha falling linearly from 0.5 to 0.2 over the "
                                  "steps (denoising first, segmentation later)", {**_COMBO_D_JITTER, "alpha_final": 0.2}),
