@@ -236,19 +236,19 @@ RECIPES: dict[str, Recipe] = {
                                 {**_COMBO_D, "alpha": 0.3}),
     "combo_d_weight_decay": Recipe("denoiseg", "combo_d + AdamW weight decay 0.05", {**_COMBO_D, "weight_decay": 0.05}),
     "combo_d_jitter": Recipe("denoiseg", "combo_d + random gain/offset 0.2 per patch", _COMBO_D_JITTER),
-    # one more lever at a time on top of combo_d_jitter (named when it was the default; they measured that)
-    "default_alpha_ramp": Recipe("denoiseg", "combo_d_jitter with alpha falling linearly from 0.5 to 0.2 over the "
+    # one more lever at a time on top of combo_d_jitter
+    "combo_d_jitter_alpha_ramp": Recipe("denoiseg", "combo_d_jitter with alpha falling linearly from 0.5 to 0.2 over the "
                                  "steps (denoising first, segmentation later)", {**_COMBO_D_JITTER, "alpha_final": 0.2}),
-    "default_uncertainty": Recipe("denoiseg", "combo_d_jitter with learned loss weights (uncertainty weighting, "
-                                  "Kendall et al. 2018) instead of alpha", {**_COMBO_D_JITTER, "loss_weighting": "uncertainty"}),
-    "default_labelled_ramp": Recipe("denoiseg", "combo_d_jitter with the labelled fraction of each batch falling "
+    "combo_d_jitter_uncertainty": Recipe("denoiseg", "combo_d_jitter with learned loss weights (uncertainty "
+                                         "weighting, Kendall et al. 2018) instead of alpha: the default recipe", {**_COMBO_D_JITTER, "loss_weighting": "uncertainty"}),
+    "combo_d_jitter_labelled_ramp": Recipe("denoiseg", "combo_d_jitter with the labelled fraction of each batch falling "
                                     "linearly from 0.75 to 0.25", {**_COMBO_D_JITTER, "labelled_fraction": 0.75,
                                                                   "labelled_fraction_final": 0.25}),
-    "default_elastic": Recipe("denoiseg", "combo_d_jitter + elastic deformation (2 px) of half the labelled patches",
+    "combo_d_jitter_elastic": Recipe("denoiseg", "combo_d_jitter + elastic deformation (2 px) of half the labelled patches",
                               {**_COMBO_D_JITTER, "elastic_deformation": 2.0}),
     # equal wall-clock time: on 2 CPU cores (bf16) a training step of the default recipe takes 0.383 s with
     # this network and 0.193 s with the budgets' depth-3/16 U-Net (batch 32, 64x64), so it gets half the epochs
-    "default_paper_unet": Recipe("denoiseg", "combo_d_jitter on the paper's U-Net shape (depth 4, 32 first filters, "
+    "combo_d_jitter_paper_unet": Recipe("denoiseg", "combo_d_jitter on the paper's U-Net shape (depth 4, 32 first filters, "
                                  "halved second convolutions, 5.5 M parameters) for half the epochs (equal "
                                  "wall-clock time on CPU)", _COMBO_D_JITTER, backbone={"depth": 4, "first_filters": 32,
                                                                       "halve_second_conv": True},
@@ -258,8 +258,8 @@ RECIPES: dict[str, Recipe] = {
     "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),
 }
 #: recipes drawn as lines in the plot, with their colours
-_PLOT_COLOURS = {"default": "tab:red", "combo_d_alpha_0.3": "tab:red", "ema": "tab:cyan", "combo_d": "tab:pink", "baseline": "tab:green",
-                 "baseline_ema": "tab:olive", "sequential": "tab:purple", "paper": "tab:orange",
+_PLOT_COLOURS = {"default": "tab:red", "combo_d_jitter_uncertainty": "tab:red", "combo_d_jitter": "tab:blue",
+                 "ema": "tab:cyan", "combo_d": "tab:pink", "baseline": "tab:green", "baseline_ema": "tab:olive", "sequential": "tab:purple", "paper": "tab:orange",
                  "denoiseg_v1": "tab:brown"}
 _BUDGET_MARKERS = {"cpu": "o", "screen": "s", "paper": "D"}
 

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from denoiseg_core import __version__
 from denoiseg_core.components import InstanceSettings
-from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.config import DenoiSegConfig, stored_config
 from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DataError
 from denoiseg_core.io import atomic_write_bytes
@@ -252,7 +252,7 @@ def load_checkpoint(path: Path, registry=None) -> LoadedModel:
                 break
     state = read_checkpoint_state(path)
     try:
-        config = DenoiSegConfig.model_validate(state["config"])
+        config = stored_config(state["config"])
     except ValidationError as exc:
         raise DataError(f"checkpoint config is invalid ({str(exc).splitlines()[0]})", path) from None
     built = build_model(config, ndim=state["ndim"], in_channels=state["in_channels"], registry=registry)

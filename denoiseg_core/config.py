@@ -119,10 +119,12 @@ class TrainingConfig(StrictModel):
         "(post-warm-start) training steps; None: constant alpha. Validation losses use `alpha`, so epochs compare",
     )
     loss_weighting: Literal["fixed", "uncertainty"] = Field(
-        "fixed",
-        description="fixed: alpha weighs the two terms; uncertainty: learned weights, each term times exp(-s) plus "
-        "s/2 with one learned log-variance s per term (Kendall, Gal & Cipolla 2018); alpha then only weighs the "
-        "validation loss, except that alpha 0 or 1 still trains one term only",
+        "uncertainty",
+        description="fixed: alpha weighs the two terms (as the paper); uncertainty: learned weights, each term times "
+        "exp(-s) plus s/2 with one learned log-variance s per term (Kendall, Gal & Cipolla 2018); alpha then only "
+        "weighs the validation loss, except that alpha 0 or 1 still trains one term only. Part of the default recipe, "
+        "chosen on validation data: on DSB2018 (n20, 10 labelled crops, 3 seeds) validation AP@0.5 0.680 -> 0.688 "
+        "at the cpu budget, higher on every seed",
     )
     labelled_fraction_final: float | None = Field(
         None,
@@ -152,7 +154,10 @@ class TrainingConfig(StrictModel):
         if self.semi_supervised is not None and self.ema_decay is None:
             raise ValueError("semi_supervised needs ema_decay (its teacher is the moving average of the weights)")
         if self.alpha_final is not None and self.loss_weighting == "uncertainty":
-            raise ValueError("alpha_final schedules a fixed weighting; loss_weighting 'uncertainty' learns the weights")
+            raise ValueError(
+                "alpha_final schedules alpha, which loss_weighting 'uncertainty' (the default) replaces by learned "
+                "weights: set training.loss_weighting to fixed"
+            )
         if self.labelled_fraction_final is not None and self.labelled_fraction is None:
             raise ValueError("labelled_fraction_final needs labelled_fraction (the schedule's start)")
         if self.warm_start_epochs >= self.epochs:
@@ -174,6 +179,21 @@ class DenoiSegConfig(StrictModel):
     plugins: dict[str, str] = Field(
         default_factory=dict, description="distributions providing the components (filled in when a run starts)"
     )
+
+
+#: settings added after runs were first written whose default is not the behaviour before them: a run,
+#: checkpoint or package written earlier holds a complete config without them and gets these values
+#: (a user's partial YAML gets the defaults instead)
+_BEHAVIOUR_BEFORE_ADDED = {"training": {"loss_weighting": "fixed"}}
+
+
+def stored_config(raw: dict) -> DenoiSegConfig:
+    """The config stored in a checkpoint or package (a complete dump), as the version that wrote it meant it."""
+    raw = dict(raw)
+    for section, settings in _BEHAVIOUR_BEFORE_ADDED.items():
+        if isinstance(raw.get(section), dict):
+            raw[section] = {**settings, **raw[section]}
+    return DenoiSegConfig.model_validate(raw)
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

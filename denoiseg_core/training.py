@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from denoiseg_core.checkpoint import read_checkpoint_state, read_package_state
-from denoiseg_core.config import DenoiSegConfig, save_config, validate_components
+from denoiseg_core.config import DenoiSegConfig, save_config, stored_config, validate_components
 from denoiseg_core.components import InstanceSettings
 from denoiseg_core.data import (
     ImageRecord,
@@ -269,7 +269,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, path: Path) -> None:
         checkpoint = read_checkpoint_state(path)
-        saved = DenoiSegConfig.model_validate(checkpoint["config"])
+        saved = stored_config(checkpoint["config"])
         if saved.model != self.config.model:
             raise ConfigError(f"{path}: the model settings differ from the run being resumed; resume with the run's own config")
         self.state.restore(checkpoint, path)
@@ -614,7 +614,7 @@ def train(
 def resume_config(run_dir: Path) -> DenoiSegConfig:
     """The config of an existing run, read from its ``last.pt`` (the config travels in the checkpoint)."""
     state = read_checkpoint_state(Path(run_dir) / "last.pt")
-    config = DenoiSegConfig.model_validate(state["config"])
+    config = stored_config(state["config"])
     config.run_dir = Path(run_dir)
     return config
 

@@ -169,13 +169,13 @@ def test_every_recipe_trains_with_its_methods_alpha_unless_it_sets_one(tmp_path)
 
 def test_a_recipe_with_its_own_network_gets_its_share_of_the_budget(tmp_path):
     dsb = _load_benchmark()
-    recipe = dsb.RECIPES["default_paper_unet"]
+    recipe = dsb.RECIPES["combo_d_jitter_paper_unet"]
     screen = dsb.BUDGETS["screen"]
     budget = recipe.budget(screen)
     assert budget.epochs == round(screen.epochs * recipe.epochs_scale) < screen.epochs
     assert budget.steps_per_epoch == screen.steps_per_epoch and budget.batch_size == screen.batch_size
     assert "halved second convolutions" in budget.description
-    config = dsb.make_config(dsb.RunSpec("screen", "default_paper_unet", 20.0, 10, 0), budget, tmp_path / "run")
+    config = dsb.make_config(dsb.RunSpec("screen", "combo_d_jitter_paper_unet", 20.0, 10, 0), budget, tmp_path / "run")
     assert config.model.backbone.params == {"depth": 4, "first_filters": 32, "halve_second_conv": True}
     assert config.training.epochs == budget.epochs
     # every other recipe keeps the budget as it is

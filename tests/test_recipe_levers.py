@@ -148,7 +148,8 @@ def test_validation_ignores_images_without_objects(dataset):
 
 
 def test_alpha_schedule_moves_from_alpha_to_alpha_final_over_the_joint_steps(tiny_config, dataset, tmp_path):
-    config = _config(tiny_config, dataset, tmp_path / "run", alpha=0.5, alpha_final=0.1, warm_start_epochs=1)
+    config = _config(tiny_config, dataset, tmp_path / "run", alpha=0.5, alpha_final=0.1, warm_start_epochs=1,
+                     loss_weighting="fixed")
     trainer = Trainer(config, progress=False, log=lambda _: None)
     trainer.state.epoch = 1  # the first joint epoch: 6 joint steps in all
     assert trainer._alpha(0) == pytest.approx(0.5)
@@ -175,7 +176,7 @@ def test_scheduled_labelled_fraction_reaches_the_batches(tiny_config, dataset, t
 def test_labelled_fraction_schedule_needs_a_starting_fraction(tiny_config, dataset, tmp_path):
     with pytest.raises(Exception, match="labelled_fraction_final needs labelled_fraction"):
         _config(tiny_config, dataset, tmp_path / "r", labelled_fraction=None, labelled_fraction_final=0.2)
-    with pytest.raises(Exception, match="alpha_final schedules a fixed weighting"):
+    with pytest.raises(Exception, match="set training.loss_weighting to fixed"):
         _config(tiny_config, dataset, tmp_path / "r", alpha_final=0.2, loss_weighting="uncertainty")
 
 
@@ -240,3 +241,23 @@ def test_learned_loss_weights_replace_alpha_except_for_a_single_term(tiny_config
     torch.testing.assert_close(total, seg)
     total, denoise, seg = losses(1.0)
     torch.testing.assert_close(total, denoise)
+
+
+def test_a_run_written_before_learned_loss_weights_resumes_with_alpha(tiny_config, dataset, tmp_path):
+    from denoiseg_core.checkpoint import load_checkpoint, write_checkpoint_state
+    from denoiseg_core.training import resume_config
+
+    config = _config(tiny_config, dataset, tmp_path / "run", epochs=1, loss_weighting="fixed")
+    run = train(config, progress=False, log=lambda _: None)
+    # what an earlier version wrote: a complete config without the setting (it weighed the terms by alpha)
+    for name in ("last.pt", "best.pt"):
+        state = read_checkpoint_state(run.run_dir / name)
+        del state["config"]["training"]["loss_weighting"]
+        write_checkpoint_state(run.run_dir / name, state)
+    assert DenoiSegConfig().training.loss_weighting == "uncertainty"  # today's default differs
+    assert load_checkpoint(run.run_dir / "best.pt").config.training.loss_weighting == "fixed"
+    resumed = resume_config(run.run_dir)
+    assert resumed.training.loss_weighting == "fixed"
+    resumed.training.epochs = 2
+    train(resumed, resume=True, progress=False, log=lambda _: None)
+    assert read_checkpoint_state(run.run_dir / "last.pt")["epoch"] == 2

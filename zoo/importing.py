@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from denoiseg_core import __version__
 from denoiseg_core.checkpoint import CHECKPOINT_FORMAT, check_normalization, write_checkpoint_state
-from denoiseg_core.config import DenoiSegConfig
+from denoiseg_core.config import stored_config
 from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.io import check_outputs
 from denoiseg_core.model import build_model
@@ -48,7 +48,7 @@ def checkpoint_state_from_package(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise PackageError(f"cannot read the pytorch_state_dict weights ({type(exc).__name__})", path) from None
     try:
-        config = DenoiSegConfig.model_validate(section["training_config"])
+        config = stored_config(section["training_config"])
         ndim, in_channels = int(section["ndim"]), int(section["in_channels"])
         normalization = {"mean": [float(v) for v in section["normalization"]["mean"]],
                          "std": [float(v) for v in section["normalization"]["std"]]}
