@@ -93,6 +93,18 @@ def _require(condition: bool, spec: ComponentSpec, message: str) -> None:
         raise ConformanceError(f"{spec.kind} {spec.name!r}: {message}")
 
 
+def _require_strict_model(model, valid, spec: ComponentSpec, field_kind: str, loose_message: str, hint: str = "") -> None:
+    """Every field of the pydantic ``model`` is described, and unknown keys are refused (``valid``: an instance)."""
+    for name, field in model.model_fields.items():
+        _require(bool(field.description), spec, f"{field_kind} {name!r} has no description{' ' + hint if hint else ''}")
+    try:
+        model.model_validate({**valid.model_dump(), "__surely_not_a_field__": 1})
+    except ValidationError:
+        pass
+    else:
+        raise ConformanceError(f"{spec.kind} {spec.name!r}: {loose_message}")
+
+
 def resolve_spec(kind: str, component: str | ComponentSpec | RegisteredComponent, registry: Registry | None = None):
     """The spec of ``component``: a registered name, a spec or a :class:`RegisteredComponent`."""
     if isinstance(component, RegisteredComponent):
@@ -120,14 +132,8 @@ def check_params(spec: ComponentSpec, params: ComponentParams | dict | None = No
         defaults = model.model_validate({})
     except ValidationError as exc:
         raise ConformanceError(f"{spec.kind} {spec.name!r}: default parameters do not validate: {exc}") from None
-    for name, field in model.model_fields.items():
-        _require(bool(field.description), spec, f"parameter {name!r} has no description (Field(description=...))")
-    try:
-        model.model_validate({**defaults.model_dump(), "__surely_not_a_parameter__": 1})
-    except ValidationError:
-        pass
-    else:
-        raise ConformanceError(f"{spec.kind} {spec.name!r}: params accept unknown keys (must use extra='forbid')")
+    _require_strict_model(model, defaults, spec, "parameter", "params accept unknown keys (must use extra='forbid')",
+                          "(Field(description=...))")
 
     if params is None:
         chosen = defaults
@@ -578,15 +584,8 @@ def _check_settings_model(spec: HeadSpec, head: Any) -> InstanceSettings:
         settings = model()
     except ValidationError as exc:
         raise ConformanceError(f"head {spec.name!r}: default instance settings do not validate: {exc}") from None
-    for name, field in model.model_fields.items():
-        _require(bool(field.description), spec, f"instance setting {name!r} has no description")
+    _require_strict_model(model, settings, spec, "instance setting", "instance settings accept unknown keys")
     _require(model.model_validate_json(settings.model_dump_json()) == settings, spec, "instance settings do not survive JSON")
-    try:
-        model.model_validate({**settings.model_dump(), "no_such_setting_": 1})
-    except ValidationError:
-        pass
-    else:
-        raise ConformanceError(f"head {spec.name!r}: instance settings accept unknown keys")
     _require(model.primary in model.model_fields, spec, f"primary {model.primary!r} is not an instance setting")
     _require(
         0 < settings.primary_threshold < 1 and settings.with_threshold(0.25).primary_threshold == 0.25,
