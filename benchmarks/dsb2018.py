@@ -197,6 +197,7 @@ _MEAN_TEACHER = {"name": "mean_teacher", "params": {}}
 _PSEUDO_LABELS = {"name": "mean_teacher", "params": {"loss": "cross_entropy", "confidence": 0.9, "weight": 1.0}}
 _COMBO_D = {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _PSEUDO_LABELS}
 _COMBO_D_JITTER = {**_COMBO_D, "intensity_jitter": 0.2}
+_COMBO_E = {**_COMBO_D_JITTER, "loss_weighting": "uncertainty"}
 RECIPES: dict[str, Recipe] = {
     "baseline": Recipe("baseline", "segmentation only (alpha 0) on the labelled crops, checkpoint by AP at "
                        "threshold 0.5", {**_V1, "labelled_fraction": None}),
@@ -240,12 +241,21 @@ RECIPES: dict[str, Recipe] = {
     "combo_d_jitter_alpha_ramp": Recipe("denoiseg", "combo_d_jitter with alpha falling linearly from 0.5 to 0.2 over the "
                                  "steps (denoising first, segmentation later)", {**_COMBO_D_JITTER, "alpha_final": 0.2}),
     "combo_d_jitter_uncertainty": Recipe("denoiseg", "combo_d_jitter with learned loss weights (uncertainty "
-                                         "weighting, Kendall et al. 2018) instead of alpha: the default recipe", {**_COMBO_D_JITTER, "loss_weighting": "uncertainty"}),
+                                         "weighting, Kendall et al. 2018) instead of alpha: the default recipe", _COMBO_E),
     "combo_d_jitter_labelled_ramp": Recipe("denoiseg", "combo_d_jitter with the labelled fraction of each batch falling "
                                     "linearly from 0.75 to 0.25", {**_COMBO_D_JITTER, "labelled_fraction": 0.75,
                                                                   "labelled_fraction_final": 0.25}),
     "combo_d_jitter_elastic": Recipe("denoiseg", "combo_d_jitter + elastic deformation (2 px) of half the labelled patches",
                               {**_COMBO_D_JITTER, "elastic_deformation": 2.0}),
+    # levers combined on the default recipe (combo_d_jitter_uncertainty, called combo_e below)
+    "combo_e_labelled_ramp": Recipe("denoiseg", "the default recipe with the labelled fraction of each batch falling "
+                                    "linearly from 0.75 to 0.25", {**_COMBO_E, "labelled_fraction": 0.75,
+                                                                  "labelled_fraction_final": 0.25}),
+    "combo_e_elastic": Recipe("denoiseg", "the default recipe + elastic deformation (2 px) of half the labelled patches",
+                              {**_COMBO_E, "elastic_deformation": 2.0}),
+    "combo_e_ramp_elastic": Recipe("denoiseg", "the default recipe + labelled fraction 0.75 -> 0.25 + elastic 2 px",
+                                   {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
+                                    "elastic_deformation": 2.0}),
     # equal wall-clock time: on 2 CPU cores (bf16) a training step of the default recipe takes 0.383 s with
     # this network and 0.193 s with the budgets' depth-3/16 U-Net (batch 32, 64x64), so it gets half the epochs
     "combo_d_jitter_paper_unet": Recipe("denoiseg", "combo_d_jitter on the paper's U-Net shape (depth 4, 32 first filters, "
