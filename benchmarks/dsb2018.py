@@ -164,8 +164,9 @@ METHOD_ALPHA = {"denoiseg": 0.5, "baseline": 0.0, "n2v": 1.0, "sequential": 0.0}
 class Recipe:
     """A named training recipe: a method plus the training settings it changes.
 
-    ``training`` holds ``training.*`` config values; ``warm_start_fraction`` there is turned into
-    ``warm_start_epochs`` of the budget. A recipe that leaves a setting out gets the config's
+    ``training`` holds ``training.*`` config values; ``warm_start_fraction`` and
+    ``denoising_finish_fraction`` there are turned into ``warm_start_epochs`` and
+    ``denoising_finish_epochs`` of the budget. A recipe that leaves a setting out gets the config's
     default, so ``default`` is exactly what ``denoiseg train`` does. ``backbone`` changes the
     budget's U-Net parameters and ``epochs_scale`` its number of epochs (a bigger network at
     equal wall-clock time trains fewer steps).
@@ -256,6 +257,9 @@ RECIPES: dict[str, Recipe] = {
     "combo_e_ramp_elastic": Recipe("denoiseg", "the default recipe + labelled fraction 0.75 -> 0.25 + elastic 2 px",
                                    {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
                                     "elastic_deformation": 2.0}),
+    "combo_e_denoising_finish": Recipe("denoiseg", "the default recipe, its last third of the epochs Noise2Void only "
+                                       "(for best_denoising.pt; best.pt comes from the joint epochs)",
+                                       {**_COMBO_E, "denoising_finish_fraction": 1 / 3}),
     # equal wall-clock time: on 2 CPU cores (bf16) a training step of the default recipe takes 0.383 s with
     # this network and 0.193 s with the budgets' depth-3/16 U-Net (batch 32, 64x64), so it gets half the epochs
     "combo_d_jitter_paper_unet": Recipe("denoiseg", "combo_d_jitter on the paper's U-Net shape (depth 4, 32 first filters, "
@@ -453,9 +457,11 @@ def make_config(spec: RunSpec, budget: Budget, run_dir: Path, method: str | None
     training: dict[str, Any] = {} if method == "n2v" and spec.method != "n2v" else dict(RECIPES[spec.recipe].training)
     if method == "n2v":  # also Sequential's first stage
         training.update(RECIPES["n2v"].training)
-    fraction = training.pop("warm_start_fraction", None)
-    if fraction:
-        training["warm_start_epochs"] = max(1, round(fraction * budget.epochs))
+    for fraction_key, epochs_key in (("warm_start_fraction", "warm_start_epochs"),
+                                     ("denoising_finish_fraction", "denoising_finish_epochs")):
+        fraction = training.pop(fraction_key, None)
+        if fraction:
+            training[epochs_key] = max(1, round(fraction * budget.epochs))
     training.setdefault("alpha", METHOD_ALPHA[method])
     return DenoiSegConfig.model_validate(
         {

@@ -63,7 +63,13 @@ from denoiseg_core.safeguards import (
     warn_about_training_data,
 )
 from denoiseg_core.training_report import TrainingReport
-from denoiseg_core.training_state import LinearRamp, RandomStreams, TrainingState, seed_everything
+from denoiseg_core.training_state import (
+    LabelledFractionSchedule,
+    LinearRamp,
+    RandomStreams,
+    TrainingState,
+    seed_everything,
+)
 
 VALIDATION_PATCH_BATCHES = 4
 #: the checkpoint with the lowest validation denoising loss (written when denoising is trained)
@@ -148,12 +154,15 @@ class Trainer:
             self.net, config.training, RandomStreams(config.seed, self.dist.rank, self.device), self.device
         )
         # labelled_fraction over the run's steps (None: the sampler's constant fraction)
-        self._labelled_fraction_at: LinearRamp | None = None
-        if config.training.labelled_fraction_final is not None:
-            self._labelled_fraction_at = LinearRamp(
-                config.training.labelled_fraction,
-                config.training.labelled_fraction_final,
-                config.training.epochs * config.training.steps_per_epoch,
+        cfg = config.training
+        self._labelled_fraction_at: LabelledFractionSchedule | None = None
+        if cfg.labelled_fraction_final is not None or cfg.denoising_finish_epochs:
+            ramp = None
+            if cfg.labelled_fraction_final is not None:
+                ramp = LinearRamp(cfg.labelled_fraction, cfg.labelled_fraction_final, cfg.epochs * cfg.steps_per_epoch)
+            finish_from = (cfg.epochs - cfg.denoising_finish_epochs) * cfg.steps_per_epoch
+            self._labelled_fraction_at = LabelledFractionSchedule(
+                ramp, finish_from if cfg.denoising_finish_epochs else None
             )
         self.semi_supervised = None
         if config.training.semi_supervised is not None:
@@ -384,16 +393,23 @@ class Trainer:
             return cfg.alpha
         return cfg.alpha + (cfg.alpha_final - cfg.alpha) * self._joint_progress(step)
 
-    @property
-    def in_warm_start(self) -> bool:
-        """Noise2Void only, before the joint loss (``training.warm_start_epochs``)."""
-        return self.epoch < self.config.training.warm_start_epochs
+    def denoising_only_phase(self, epoch: int) -> str | None:
+        """Which Noise2Void-only phase the 0-based ``epoch`` belongs to (``"warm start"`` before the
+        joint loss, ``"denoising finish"`` after it), or None for a joint epoch."""
+        cfg = self.config.training
+        if epoch < cfg.warm_start_epochs:
+            return "warm start"
+        if epoch >= cfg.epochs - cfg.denoising_finish_epochs:
+            return "denoising finish"
+        return None
 
     def _joint_progress(self, step: int) -> float:
-        """Fraction of the joint (post-warm-start) training done at ``step`` of the current epoch."""
+        """Fraction of the joint training (between warm start and denoising finish) done at ``step``
+        of the current epoch."""
         cfg = self.config.training
         done = (self.epoch - cfg.warm_start_epochs) * cfg.steps_per_epoch + step
-        return min(1.0, max(0.0, done / max(1, (cfg.epochs - cfg.warm_start_epochs) * cfg.steps_per_epoch)))
+        joint_steps = (cfg.epochs - cfg.warm_start_epochs - cfg.denoising_finish_epochs) * cfg.steps_per_epoch
+        return min(1.0, max(0.0, done / max(1, joint_steps)))
 
     def _forward(self, forward, inputs: torch.Tensor) -> torch.Tensor:
         if not (self._compile_pending and forward is self._train_forward):
@@ -414,7 +430,7 @@ class Trainer:
         patches, targets, labelled = self._to_device(batch)
         patches = self._jitter_intensity(patches)
         patches, targets, deformed = self._deform_elastically(patches, targets, labelled)
-        warm = self.in_warm_start
+        warm = self.denoising_only_phase(self.epoch) is not None
         total, denoise, seg = self._losses(
             patches,
             targets,
@@ -549,10 +565,12 @@ class Trainer:
         }
         check_finite_epoch(values, self.epoch, self.run_dir)  # before any save: checkpoints keep the last good epoch
         self.history.append(values)
-        warm = self.epoch <= cfg.warm_start_epochs  # this epoch trained Noise2Void only
-        if not warm:  # the warm start runs at the full learning rate; the plateau count starts after it
+        phase = self.denoising_only_phase(self.epoch - 1)  # this epoch trained Noise2Void only unless None
+        # The warm start runs at the full learning rate (the plateau count starts after it); the finish
+        # keeps the joint training's last rate (its validation loss, half segmentation, would only rise).
+        if phase is None:
             self.state.scheduler.step(values["val_loss"])
-        improved = not warm and self.state.best.improves(values)
+        improved = phase is None and self.state.best.improves(values)
         denoise_improved = self.state.best.improves_denoising(values)
         if not self.is_main:
             return
@@ -563,7 +581,7 @@ class Trainer:
             self._save(BEST_DENOISING)
         self._save("last.pt")
         self.report.write(self.history)
-        self.report.epoch_done(values, warm=warm, best=improved)
+        self.report.epoch_done(values, denoising_only=phase, best=improved)
 
     def _finish(self) -> TrainingRun:
         best_path = self.run_dir / "best.pt"

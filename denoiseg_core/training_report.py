@@ -71,13 +71,14 @@ class TrainingReport:
             self._bar.update(self._task, description=f"epoch {epoch}/{epochs} loss {total:.4f} (dn {denoise:.4f}, seg {seg:.4f})")
         self._bar.advance(self._task)
 
-    def epoch_done(self, values: dict[str, float], *, warm: bool, best: bool) -> None:
-        """The line of a finished epoch (``warm``: it trained denoising only; ``best``: it is ``best.pt``)."""
+    def epoch_done(self, values: dict[str, float], *, denoising_only: str | None, best: bool) -> None:
+        """The line of a finished epoch (``denoising_only``: the phase in which it trained denoising
+        only, e.g. "warm start"; ``best``: it is ``best.pt``)."""
         self._bar.console.print(
             f"epoch {values['epoch']:>3}: train {values['train_loss']:.4f}  val {values['val_loss']:.4f}"
             f"  val AP@0.5 {values['val_ap50']:.3f} (tuned {values['val_ap50_tuned']:.3f} at {values['val_threshold']:.2f})"
             f"  lr {values['learning_rate']:.2e}"
-            + ("  (warm start: denoising only)" if warm else "")
+            + (f"  ({denoising_only}: denoising only)" if denoising_only else "")
             + ("  (best)" if best else "")
         )
 

@@ -42,6 +42,21 @@ class LinearRamp:
         return self.start + (self.end - self.start) * min(1.0, max(0.0, step / max(1, self.steps)))
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelledFractionSchedule:
+    """The labelled fraction of the run's ``i``-th batch: ``ramp(i)`` (``None``: the sampler's own
+    fraction) before batch ``uniform_from``, 0 from it on, i.e. every patch drawn from all images
+    (the denoising finish). A plain object, so data-loader workers can take it."""
+
+    ramp: LinearRamp | None = None
+    uniform_from: int | None = None
+
+    def __call__(self, index: int) -> float | None:
+        if self.uniform_from is not None and index >= self.uniform_from:
+            return 0.0
+        return self.ramp(index) if self.ramp is not None else None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -95,7 +110,9 @@ class BestEpochs:
 
     def __init__(self, training: TrainingConfig):
         self.metric = training.best_metric
-        self.denoising_trained = training.alpha != 0 or training.warm_start_epochs != 0
+        self.denoising_trained = (
+            training.alpha != 0 or training.warm_start_epochs != 0 or training.denoising_finish_epochs != 0
+        )
         self.value: float | None = None
         self.denoise_value: float | None = None
 

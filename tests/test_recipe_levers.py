@@ -1,4 +1,4 @@
-"""The few-shot recipe's levers (EMA, warm start, semi-supervised objective, weight decay,
+"""The few-shot recipe's levers (EMA, warm start, denoising finish, semi-supervised objective, weight decay,
 intensity jitter, elastic deformation, learned loss weights, alpha and labelled-fraction
 schedules, checkpoint choice at the tuned threshold): each runs, does what it says, and
 resumes exactly."""
@@ -45,6 +45,7 @@ ALL_LEVERS = {
     "elastic_deformation": 2.0,
     "loss_weighting": "uncertainty",
     "labelled_fraction_final": 0.1,
+    "denoising_finish_epochs": 1,
 }
 
 
@@ -59,9 +60,9 @@ def test_every_lever_together_trains_and_stores_the_moving_average(tiny_config, 
     run = trainer.fit()
     rows = _rows(run.run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    # warm start: epoch 1 trains denoising only, so its segmentation loss is untouched by training
-    # and it is never the best segmentation checkpoint
-    assert read_checkpoint_state(run.best_checkpoint)["epoch"] > 1
+    # warm start and denoising finish: epochs 1 and 3 train denoising only, so neither is ever the
+    # best segmentation checkpoint
+    assert read_checkpoint_state(run.best_checkpoint)["epoch"] == 2
     for row in rows:
         assert np.isfinite(float(row["train_loss"]))
         assert 0 <= float(row["val_ap50_tuned"]) <= 1 and float(row["val_ap50_tuned"]) >= float(row["val_ap50"])
@@ -261,3 +262,40 @@ def test_a_run_written_before_learned_loss_weights_resumes_with_alpha(tiny_confi
     resumed.training.epochs = 2
     train(resumed, resume=True, progress=False, log=lambda _: None)
     assert read_checkpoint_state(run.run_dir / "last.pt")["epoch"] == 2
+
+
+def test_denoising_finish_trains_denoising_alone_on_uniform_batches_and_keeps_best_segmentation(
+    tiny_config, dataset, tmp_path
+):
+    config = _config(tiny_config, dataset, tmp_path / "run", batch_size=20, labelled_fraction=1.0, epochs=3,
+                     steps_per_epoch=2, denoising_finish_epochs=1, loss_weighting="uncertainty")
+    trainer = Trainer(config, progress=False, log=lambda _: None)
+    assert [trainer.denoising_only_phase(e) for e in range(3)] == [None, None, "denoising finish"]
+    batches = trainer.batches()
+    joint = [next(batches)[2] for _ in range(4)]
+    finish = [next(batches)[2] for _ in range(2)]
+    assert all(b.all() for b in joint)  # labelled_fraction 1.0 while joint
+    assert all(not b.all() for b in finish)  # drawn from all images: 3 of the 6 are labelled
+    batches.close()
+
+    trainer = Trainer(config.model_copy(update={"run_dir": tmp_path / "fit"}), progress=False, log=lambda _: None)
+    batches = trainer.batches()
+    for _ in range(2):
+        trainer._run_epoch(batches)
+    weights_before = trainer.state.loss_weighting.log_variances.detach().clone()
+    lr_steps_before = trainer.state.scheduler.last_epoch
+    trainer._run_epoch(batches)  # the finish: denoising alone
+    batches.close()
+    # the learned loss weights and the plateau schedule rest; the segmentation checkpoint is a joint epoch's
+    torch.testing.assert_close(trainer.state.loss_weighting.log_variances.detach(), weights_before)
+    assert trainer.state.scheduler.last_epoch == lr_steps_before
+    assert read_checkpoint_state(trainer.run_dir / "best.pt")["epoch"] <= 2
+    assert (trainer.run_dir / BEST_DENOISING).is_file()
+    trainer._run_lock.release()
+
+
+def test_denoising_finish_needs_joint_epochs_and_a_denoising_term(tiny_config, dataset, tmp_path):
+    with pytest.raises(Exception, match="no joint epoch is left"):
+        _config(tiny_config, dataset, tmp_path / "r", epochs=3, warm_start_epochs=1, denoising_finish_epochs=2)
+    with pytest.raises(Exception, match="alpha 0 switches off"):
+        _config(tiny_config, dataset, tmp_path / "r", alpha=0.0, denoising_finish_epochs=1)
