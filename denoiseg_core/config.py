@@ -108,7 +108,8 @@ class TrainingConfig(StrictModel):
         ge=0,
         description="finish with Noise2Void only (alpha 1, batches drawn uniformly from all images) for the last this "
         "many epochs: they can only improve best_denoising.pt, never best.pt, so one run gives a segmentation "
-        "checkpoint and a denoiser trained without the segmentation term pulling at it",
+        "checkpoint and a denoiser trained without the segmentation term pulling at it; the finish starts again at "
+        "learning_rate",
     )
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) when > 0; 0: plain Adam as the paper")
     intensity_jitter: float = Field(

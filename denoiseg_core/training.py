@@ -541,6 +541,11 @@ class Trainer:
 
     def _run_epoch(self, batches: Iterator[tuple]) -> None:
         cfg = self.config.training
+        if self.epoch == cfg.epochs - cfg.denoising_finish_epochs and self.denoising_only_phase(self.epoch):
+            # The finish starts again at the initial rate: the joint epochs' plateaus (mostly segmentation
+            # over-fitting the few labels) say nothing about how far denoising still has to go.
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate
         started = time.perf_counter()
         self.report.epoch_started()
         sums = torch.zeros(3, device=self.device)  # summed on the device: no host sync per step
@@ -566,8 +571,8 @@ class Trainer:
         check_finite_epoch(values, self.epoch, self.run_dir)  # before any save: checkpoints keep the last good epoch
         self.history.append(values)
         phase = self.denoising_only_phase(self.epoch - 1)  # this epoch trained Noise2Void only unless None
-        # The warm start runs at the full learning rate (the plateau count starts after it); the finish
-        # keeps the joint training's last rate (its validation loss, half segmentation, would only rise).
+        # The warm start runs at the full learning rate (the plateau count starts after it), so does the
+        # finish (its validation loss, half segmentation, would only rise).
         if phase is None:
             self.state.scheduler.step(values["val_loss"])
         improved = phase is None and self.state.best.improves(values)

@@ -284,11 +284,15 @@ def test_denoising_finish_trains_denoising_alone_on_uniform_batches_and_keeps_be
         trainer._run_epoch(batches)
     weights_before = trainer.state.loss_weighting.log_variances.detach().clone()
     lr_steps_before = trainer.state.scheduler.last_epoch
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e-7  # as if the joint epochs had plateaued
     trainer._run_epoch(batches)  # the finish: denoising alone
     batches.close()
-    # the learned loss weights and the plateau schedule rest; the segmentation checkpoint is a joint epoch's
+    # the learned loss weights and the plateau schedule rest, the rate is the initial one again; the
+    # segmentation checkpoint is a joint epoch's
     torch.testing.assert_close(trainer.state.loss_weighting.log_variances.detach(), weights_before)
     assert trainer.state.scheduler.last_epoch == lr_steps_before
+    assert trainer.optimizer.param_groups[0]["lr"] == config.training.learning_rate
     assert read_checkpoint_state(trainer.run_dir / "best.pt")["epoch"] <= 2
     assert (trainer.run_dir / BEST_DENOISING).is_file()
     trainer._run_lock.release()
