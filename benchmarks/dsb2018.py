@@ -164,9 +164,8 @@ METHOD_ALPHA = {"denoiseg": 0.5, "baseline": 0.0, "n2v": 1.0, "sequential": 0.0}
 class Recipe:
     """A named training recipe: a method plus the training settings it changes.
 
-    ``training`` holds ``training.*`` config values; ``warm_start_fraction`` and
-    ``denoising_finish_fraction`` there are turned into ``warm_start_epochs`` and
-    ``denoising_finish_epochs`` of the budget. A recipe that leaves a setting out gets the config's
+    ``training`` holds ``training.*`` config values; ``warm_start_fraction`` there is turned into
+    ``warm_start_epochs`` of the budget. A recipe that leaves a setting out gets the config's
     default, so ``default`` is exactly what ``denoiseg train`` does. ``backbone`` changes the
     budget's U-Net parameters and ``epochs_scale`` its number of epochs (a bigger network at
     equal wall-clock time trains fewer steps).
@@ -457,11 +456,9 @@ def make_config(spec: RunSpec, budget: Budget, run_dir: Path, method: str | None
     training: dict[str, Any] = {} if method == "n2v" and spec.method != "n2v" else dict(RECIPES[spec.recipe].training)
     if method == "n2v":  # also Sequential's first stage
         training.update(RECIPES["n2v"].training)
-    for fraction_key, epochs_key in (("warm_start_fraction", "warm_start_epochs"),
-                                     ("denoising_finish_fraction", "denoising_finish_epochs")):
-        fraction = training.pop(fraction_key, None)
-        if fraction:
-            training[epochs_key] = max(1, round(fraction * budget.epochs))
+    fraction = training.pop("warm_start_fraction", None)
+    if fraction:
+        training["warm_start_epochs"] = max(1, round(fraction * budget.epochs))
     training.setdefault("alpha", METHOD_ALPHA[method])
     return DenoiSegConfig.model_validate(
         {

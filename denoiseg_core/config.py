@@ -103,13 +103,14 @@ class TrainingConfig(StrictModel):
         description="self-supervised warm start: train Noise2Void only (alpha 1) for this many epochs before the joint "
         "loss; these epochs are not candidates for best.pt",
     )
-    denoising_finish_epochs: int = Field(
-        0,
+    denoising_finish_fraction: float = Field(
+        0.0,
         ge=0,
-        description="finish with Noise2Void only (alpha 1, batches drawn uniformly from all images) for the last this "
-        "many epochs: they can only improve best_denoising.pt, never best.pt, so one run gives a segmentation "
-        "checkpoint and a denoiser trained without the segmentation term pulling at it; the finish starts again at "
-        "learning_rate",
+        lt=1,
+        description="finish with Noise2Void only (alpha 1, batches drawn uniformly from all images, from learning_rate "
+        "again) for this fraction of the epochs (at least one, and at least one joint epoch is kept): they can only "
+        "improve best_denoising.pt, never best.pt, so one run gives a segmentation checkpoint and a denoiser trained "
+        "without the segmentation term pulling at it; ignored when alpha is 0 or 1 (one term only)",
     )
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) when > 0; 0: plain Adam as the paper")
     intensity_jitter: float = Field(
@@ -168,17 +169,20 @@ class TrainingConfig(StrictModel):
             )
         if self.labelled_fraction_final is not None and self.labelled_fraction is None:
             raise ValueError("labelled_fraction_final needs labelled_fraction (the schedule's start)")
-        if self.warm_start_epochs + self.denoising_finish_epochs >= self.epochs:
-            raise ValueError(
-                f"warm_start_epochs ({self.warm_start_epochs}) + denoising_finish_epochs "
-                f"({self.denoising_finish_epochs}) must be less than epochs ({self.epochs}): no joint epoch is left"
-            )
-        if self.denoising_finish_epochs and self.alpha == 0:
-            raise ValueError("denoising_finish_epochs trains the denoising term, which alpha 0 switches off")
+        if self.warm_start_epochs >= self.epochs:
+            raise ValueError(f"warm_start_epochs ({self.warm_start_epochs}) must be less than epochs ({self.epochs})")
         return self
     validation_images: int | None = Field(
         None, ge=1, description="compute validation AP on at most this many validation images per epoch (all by default)"
     )
+
+    @property
+    def denoising_finish_epochs(self) -> int:
+        """How many of the last epochs train denoising alone (``denoising_finish_fraction``)."""
+        if not self.denoising_finish_fraction or not 0 < self.alpha < 1:
+            return 0
+        wanted = max(1, round(self.denoising_finish_fraction * self.epochs))
+        return max(0, min(wanted, self.epochs - self.warm_start_epochs - 1))
 
 
 class DenoiSegConfig(StrictModel):

@@ -45,7 +45,7 @@ ALL_LEVERS = {
     "elastic_deformation": 2.0,
     "loss_weighting": "uncertainty",
     "labelled_fraction_final": 0.1,
-    "denoising_finish_epochs": 1,
+    "denoising_finish_fraction": 0.3,  # the last of the 3 epochs
 }
 
 
@@ -268,7 +268,7 @@ def test_denoising_finish_trains_denoising_alone_on_uniform_batches_and_keeps_be
     tiny_config, dataset, tmp_path
 ):
     config = _config(tiny_config, dataset, tmp_path / "run", batch_size=20, labelled_fraction=1.0, epochs=3,
-                     steps_per_epoch=2, denoising_finish_epochs=1, loss_weighting="uncertainty")
+                     steps_per_epoch=2, denoising_finish_fraction=0.25, loss_weighting="uncertainty")
     trainer = Trainer(config, progress=False, log=lambda _: None)
     assert [trainer.denoising_only_phase(e) for e in range(3)] == [None, None, "denoising finish"]
     batches = trainer.batches()
@@ -298,8 +298,13 @@ def test_denoising_finish_trains_denoising_alone_on_uniform_batches_and_keeps_be
     trainer._run_lock.release()
 
 
-def test_denoising_finish_needs_joint_epochs_and_a_denoising_term(tiny_config, dataset, tmp_path):
-    with pytest.raises(Exception, match="no joint epoch is left"):
-        _config(tiny_config, dataset, tmp_path / "r", epochs=3, warm_start_epochs=1, denoising_finish_epochs=2)
-    with pytest.raises(Exception, match="alpha 0 switches off"):
-        _config(tiny_config, dataset, tmp_path / "r", alpha=0.0, denoising_finish_epochs=1)
+def test_denoising_finish_keeps_a_joint_epoch_and_needs_both_terms(tiny_config, dataset, tmp_path):
+    def finish_epochs(**training):
+        return _config(tiny_config, dataset, tmp_path / "r", **training).training.denoising_finish_epochs
+
+    assert finish_epochs(epochs=30, denoising_finish_fraction=1 / 3) == 10
+    assert finish_epochs(epochs=10, denoising_finish_fraction=0.01) == 1  # asked for: at least one epoch
+    assert finish_epochs(epochs=3, warm_start_epochs=1, denoising_finish_fraction=0.9) == 1  # one joint epoch stays
+    assert finish_epochs(epochs=1, denoising_finish_fraction=0.5) == 0
+    assert finish_epochs(epochs=30, denoising_finish_fraction=0.5, alpha=0.0) == 0  # segmentation only
+    assert finish_epochs(epochs=30, denoising_finish_fraction=0.5, alpha=1.0) == 0  # Noise2Void throughout
