@@ -139,8 +139,8 @@ class TrainingConfig(StrictModel):
         None,
         ge=0,
         le=1,
-        description="labelled_fraction at the last training step, reached linearly from `labelled_fraction` over all "
-        "steps; None: constant",
+        description="labelled_fraction at the last training step before the denoising finish (if any), reached "
+        "linearly from `labelled_fraction`; None: constant",
     )
     elastic_deformation: float = Field(
         0.0,

@@ -158,9 +158,9 @@ class Trainer:
         self._labelled_fraction_at: LabelledFractionSchedule | None = None
         if cfg.labelled_fraction_final is not None or cfg.denoising_finish_epochs:
             ramp = None
-            if cfg.labelled_fraction_final is not None:
-                ramp = LinearRamp(cfg.labelled_fraction, cfg.labelled_fraction_final, cfg.epochs * cfg.steps_per_epoch)
             finish_from = (cfg.epochs - cfg.denoising_finish_epochs) * cfg.steps_per_epoch
+            if cfg.labelled_fraction_final is not None:  # reached where the denoising finish starts
+                ramp = LinearRamp(cfg.labelled_fraction, cfg.labelled_fraction_final, finish_from)
             self._labelled_fraction_at = LabelledFractionSchedule(
                 ramp, finish_from if cfg.denoising_finish_epochs else None
             )

@@ -277,6 +277,12 @@ def test_denoising_finish_trains_denoising_alone_on_uniform_batches_and_keeps_be
     assert all(b.all() for b in joint)  # labelled_fraction 1.0 while joint
     assert all(not b.all() for b in finish)  # drawn from all images: 3 of the 6 are labelled
     batches.close()
+    trainer._run_lock.release()
+    # a labelled-fraction schedule ends where the finish starts (batch 4 of 6)
+    ramped = Trainer(_config(tiny_config, dataset, tmp_path / "ramped", labelled_fraction=1.0, labelled_fraction_final=0.0,
+                             epochs=3, steps_per_epoch=2, denoising_finish_fraction=0.25), progress=False, log=lambda _: None)
+    assert [ramped._labelled_fraction_at(i) for i in range(6)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    ramped._run_lock.release()
 
     trainer = Trainer(config.model_copy(update={"run_dir": tmp_path / "fit"}), progress=False, log=lambda _: None)
     batches = trainer.batches()
