@@ -27,7 +27,7 @@ from denoiseg_core.prediction import predict_image
 SHAPE_2D = (40, 52)
 
 
-def make_checkpoint(path: Path, ndim: int = 2, axes: str = "auto", channels: int = 1) -> Path:
+def make_checkpoint(path: Path, ndim: int = 2, axes: str = "auto", channels: int = 1, seed: int = 0) -> Path:
     """An untrained depth-2 U-Net checkpoint with tuned threshold 0.4."""
     config = DenoiSegConfig.model_validate(
         {
@@ -35,7 +35,7 @@ def make_checkpoint(path: Path, ndim: int = 2, axes: str = "auto", channels: int
             "model": {"backbone": {"name": "unet", "params": {"depth": 2, "first_filters": 8}}},
         }
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     built = build_model(config, ndim=ndim, in_channels=channels)
     normalization = Normalization(mean=[100.0] * channels, std=[25.0] * channels)
     save_checkpoint(path, config=config, built=built, normalization=normalization, instance_settings=built.head.settings(threshold=0.4))
@@ -172,6 +172,37 @@ def test_predict_accepts_a_run_folder(workspace, tmp_path):
     result = invoke("predict", run, workspace["single"], "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "single_labels.tif").is_file()
+
+
+def test_a_run_folder_denoises_with_its_best_denoising_checkpoint(workspace, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(workspace["checkpoint"].read_bytes())
+    make_checkpoint(run / "best_denoising.pt", seed=1)
+    image = tifffile.imread(workspace["single"]).astype(np.float32)[None]
+    segmenter, denoiser = load_checkpoint(run / "best.pt"), load_checkpoint(run / "best_denoising.pt")
+    expected = {name: predict_image(m, image, precision="auto") for name, m in (("seg", segmenter), ("dn", denoiser))}
+    assert np.abs(expected["seg"].denoised - expected["dn"].denoised).max() > 1e-2  # the two differ
+
+    for choice, source in (("auto", "dn"), ("same", "seg"), (str(run / "best_denoising.pt"), "dn")):
+        out = tmp_path / f"out_{source}_{len(choice)}"
+        result = invoke("predict", run, workspace["single"], "-o", out, "--denoiser", choice)
+        assert result.exit_code == 0, result.output
+        np.testing.assert_allclose(tifffile.imread(out / "single_denoised.tif"), expected[source].denoised[0],
+                                   rtol=1e-5, atol=1e-3)
+        # the labels always come from the segmentation checkpoint
+        np.testing.assert_array_equal(tifffile.imread(out / "single_labels.tif"), segment(segmenter, expected["seg"]))
+    # a checkpoint file (not a run folder) denoises with itself by default
+    out = tmp_path / "file"
+    assert invoke("predict", run / "best.pt", workspace["single"], "-o", out).exit_code == 0
+    np.testing.assert_allclose(tifffile.imread(out / "single_denoised.tif"), expected["seg"].denoised[0], rtol=1e-5, atol=1e-3)
+
+
+def test_a_denoiser_that_does_not_fit_is_a_one_line_error(workspace, tmp_path):
+    other = make_checkpoint(tmp_path / "rgb.pt", channels=3, axes="CYX")
+    result = run_cli("predict", workspace["checkpoint"], workspace["single"], "-o", tmp_path / "out", "--denoiser", other)
+    assert_one_line_error(result, "--denoiser", "rgb.pt", "3 channel(s)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_refused_without_overwrite(workspace, tmp_path):

@@ -99,6 +99,13 @@ def predict_command(
     ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace existing output files")] = False,
     skip_existing: SkipExistingOption = False,
+    denoiser: Annotated[
+        str,
+        typer.Option(
+            help="checkpoint for NAME_denoised.tif: 'auto' (given a run folder, its best_denoising.pt, the epoch "
+            "that denoised validation images best, when there is one; else CHECKPOINT), 'same' (CHECKPOINT), or a .pt file"
+        ),
+    ] = "auto",
     trust_checkpoint: TrustCheckpointOption = False,
 ) -> None:
     """Denoise and segment images: writes NAME_denoised.tif and NAME_labels.tif for each input."""
@@ -112,10 +119,12 @@ def predict_command(
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: use auto, fp32 or bf16")
     model = load_model(checkpoint, trust_checkpoint)
+    denoising_model = _denoising_model(checkpoint, denoiser, model, trust_checkpoint)
     tile_size = parse_tile(tile, model.ndim)
     target = resolve_device(device)
     files = collect_inputs(inputs)
-    all_plans = plan_outputs(files, out, probabilities, overwrite, skip_existing, protected=[model.path])
+    protected = [model.path] + ([denoising_model.path] if denoising_model is not None else [])
+    all_plans = plan_outputs(files, out, probabilities, overwrite, skip_existing, protected=protected)
     skipped = sum(plan is None for plan in all_plans)
     files, plans = [f for f, p in zip(files, all_plans) if p is not None], [p for p in all_plans if p is not None]
     for file in files:
@@ -135,6 +144,10 @@ def predict_command(
                 model, image, tile=tile_size, batch_size=batch_size, device=target, precision=precision
             )
             labels = segment(model, prediction, settings)
+            if denoising_model is not None:
+                prediction = predict_image(
+                    denoising_model, image, tile=tile_size, batch_size=batch_size, device=target, precision=precision
+                )
             denoised = prediction.denoised if keep_channel_axis else prediction.denoised[0]
             written = tuple(files)
             replace = overwrite or skip_existing  # skip_existing: outputs of a cut-off image are redone
@@ -148,6 +161,8 @@ def predict_command(
             progress.advance(task)
 
     note = f", {skipped} skipped (outputs exist)" if skipped else ""
+    if denoising_model is not None:
+        note += f", denoised by {denoising_model.path.name}"
     table = Table(title=f"denoiseg predict: {len(files)} image(s){note} -> {out}  ({settings.describe()})")
     for column, justify in (("image", "left"), ("shape", "right"), ("objects", "right"), ("seconds", "right")):
         table.add_column(column, justify=justify)
@@ -156,6 +171,27 @@ def predict_command(
     from rich.console import Console
 
     Console().print(table)
+
+
+def _denoising_model(checkpoint: Path, choice: str, model, trust_checkpoint: bool):
+    """The model that writes the denoised images when it is not ``model`` itself (``--denoiser``)."""
+    from denoiseg_core.training import BEST_DENOISING
+
+    if choice == "same":
+        return None
+    if choice == "auto":
+        path = Path(checkpoint) / BEST_DENOISING
+        if not (Path(checkpoint).is_dir() and path.is_file()):
+            return None
+    else:
+        path = Path(choice)
+    denoising_model = load_model(path, trust_checkpoint)
+    if (denoising_model.ndim, denoising_model.in_channels) != (model.ndim, model.in_channels):
+        raise ConfigError(
+            f"--denoiser {denoising_model.path}: a {denoising_model.ndim}D model of {denoising_model.in_channels} "
+            f"channel(s), but {model.path} is {model.ndim}D with {model.in_channels}"
+        )
+    return denoising_model
 
 
 def register(app: typer.Typer) -> None:
