@@ -107,8 +107,8 @@ class TrainingConfig(StrictModel):
         0.0,
         ge=0,
         lt=1,
-        description="finish with Noise2Void only (alpha 1, batches drawn uniformly from all images, from learning_rate "
-        "again) for this fraction of the epochs (at least one, and at least one joint epoch is kept): they can only "
+        description="finish with Noise2Void only (alpha 1, batches drawn uniformly from all images, the learning rate "
+        "falling from learning_rate to 0 along a half cosine) for this fraction of the epochs (at least one, and at least one joint epoch is kept): they can only "
         "improve best_denoising.pt, never best.pt, so one run gives a segmentation checkpoint and a denoiser trained "
         "without the segmentation term pulling at it; ignored when alpha is 0 or 1 (one term only)",
     )

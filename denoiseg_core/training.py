@@ -403,6 +403,17 @@ class Trainer:
             return "denoising finish"
         return None
 
+    def _set_finish_learning_rate(self, step: int) -> None:
+        """The denoising finish's rate at ``step`` of the current epoch: from ``learning_rate`` down to 0
+        along a half cosine. It starts high again because the joint epochs' plateaus (mostly segmentation
+        over-fitting the few labels) say nothing about how far denoising still has to go, and ends low,
+        where a denoiser gains its last fraction of a dB."""
+        cfg = self.config.training
+        start = cfg.epochs - cfg.denoising_finish_epochs
+        progress = ((self.epoch - start) * cfg.steps_per_epoch + step) / (cfg.denoising_finish_epochs * cfg.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     def _joint_progress(self, step: int) -> float:
         """Fraction of the joint training (between warm start and denoising finish) done at ``step``
         of the current epoch."""
@@ -430,7 +441,10 @@ class Trainer:
         patches, targets, labelled = self._to_device(batch)
         patches = self._jitter_intensity(patches)
         patches, targets, deformed = self._deform_elastically(patches, targets, labelled)
-        warm = self.denoising_only_phase(self.epoch) is not None
+        phase = self.denoising_only_phase(self.epoch)
+        if phase == "denoising finish":
+            self._set_finish_learning_rate(step)
+        warm = phase is not None
         total, denoise, seg = self._losses(
             patches,
             targets,
@@ -541,11 +555,6 @@ class Trainer:
 
     def _run_epoch(self, batches: Iterator[tuple]) -> None:
         cfg = self.config.training
-        if self.epoch == cfg.epochs - cfg.denoising_finish_epochs and self.denoising_only_phase(self.epoch):
-            # The finish starts again at the initial rate: the joint epochs' plateaus (mostly segmentation
-            # over-fitting the few labels) say nothing about how far denoising still has to go.
-            for group in self.optimizer.param_groups:
-                group["lr"] = cfg.learning_rate
         started = time.perf_counter()
         self.report.epoch_started()
         sums = torch.zeros(3, device=self.device)  # summed on the device: no host sync per step
