@@ -190,7 +190,8 @@ class Recipe:
 #: the settings of the first DenoiSeg port (before this ablation); recipes below change one lever
 #: at a time from ``TUNED``, which only picks checkpoints at the tuned threshold
 _LEVERS_OFF = {"ema_decay": None, "warm_start_epochs": 0, "weight_decay": 0.0, "intensity_jitter": 0.0,
-               "semi_supervised": None, "loss_weighting": "fixed"}
+               "semi_supervised": None, "loss_weighting": "fixed", "labelled_fraction_final": None,
+               "denoising_finish_fraction": 0.0}
 _V1 = {**_LEVERS_OFF, "labelled_fraction": 0.25, "best_metric": "val_ap50"}
 _TUNED = {**_V1, "best_metric": "val_ap50_tuned"}
 _MEAN_TEACHER = {"name": "mean_teacher", "params": {}}

@@ -22,9 +22,10 @@ from denoiseg_core.training import train
 #: the size of the run: everything else is the default recipe
 EPOCHS, STEPS = 6, 25
 #: test AP@0.5 this run reached when the bar was set (seed 0, fp32, 1 thread, AMD EPYC, torch 2.13):
-#: 0.826 with the default recipe (EMA + pseudo-labels + half-labelled batches + intensity jitter + learned
-#: loss weights), 0.843 with alpha 0.5 instead of learned weights, 0.727 without the jitter, 0.753 with EMA alone
-MEASURED = 0.826
+#: 0.809 with the default recipe (EMA + pseudo-labels + labelled share 0.75 -> 0.25 + intensity jitter + learned
+#: loss weights + a denoising finish in the last 2 of the 6 epochs); before the ramp and the finish 0.826, with
+#: alpha 0.5 instead of learned weights 0.843, without the jitter 0.727, with EMA alone 0.753
+MEASURED = 0.809
 REQUIRED_AP50 = 0.70
 
 
