@@ -234,7 +234,7 @@ RECIPES: dict[str, Recipe] = {
                       {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _MEAN_TEACHER}),
     "combo_d": Recipe("denoiseg", "EMA + pseudo-labels + half labelled (the default before alpha 0.3)", _COMBO_D),
     # one more lever at a time on top of combo_d
-    "combo_d_alpha_0.3": Recipe("denoiseg", "combo_d with alpha 0.3 (more weight on segmentation): the default recipe",
+    "combo_d_alpha_0.3": Recipe("denoiseg", "combo_d with alpha 0.3 (more weight on segmentation; once the default recipe)",
                                 {**_COMBO_D, "alpha": 0.3}),
     "combo_d_weight_decay": Recipe("denoiseg", "combo_d + AdamW weight decay 0.05", {**_COMBO_D, "weight_decay": 0.05}),
     "combo_d_jitter": Recipe("denoiseg", "combo_d + random gain/offset 0.2 per patch", _COMBO_D_JITTER),
@@ -242,27 +242,27 @@ RECIPES: dict[str, Recipe] = {
     "combo_d_jitter_alpha_ramp": Recipe("denoiseg", "combo_d_jitter with alpha falling linearly from 0.5 to 0.2 over the "
                                  "steps (denoising first, segmentation later)", {**_COMBO_D_JITTER, "alpha_final": 0.2}),
     "combo_d_jitter_uncertainty": Recipe("denoiseg", "combo_d_jitter with learned loss weights (uncertainty "
-                                         "weighting, Kendall et al. 2018) instead of alpha: the default recipe", _COMBO_E),
+                                         "weighting, Kendall et al. 2018) instead of alpha (the default recipe before combo_f)", _COMBO_E),
     "combo_d_jitter_labelled_ramp": Recipe("denoiseg", "combo_d_jitter with the labelled fraction of each batch falling "
                                     "linearly from 0.75 to 0.25", {**_COMBO_D_JITTER, "labelled_fraction": 0.75,
                                                                   "labelled_fraction_final": 0.25}),
     "combo_d_jitter_elastic": Recipe("denoiseg", "combo_d_jitter + elastic deformation (2 px) of half the labelled patches",
                               {**_COMBO_D_JITTER, "elastic_deformation": 2.0}),
-    # levers combined on the default recipe (combo_d_jitter_uncertainty, called combo_e below)
-    "combo_e_labelled_ramp": Recipe("denoiseg", "the default recipe with the labelled fraction of each batch falling "
+    # levers combined on combo_d_jitter_uncertainty (called combo_e below)
+    "combo_e_labelled_ramp": Recipe("denoiseg", "combo_d_jitter_uncertainty with the labelled fraction of each batch falling "
                                     "linearly from 0.75 to 0.25", {**_COMBO_E, "labelled_fraction": 0.75,
                                                                   "labelled_fraction_final": 0.25}),
-    "combo_e_elastic": Recipe("denoiseg", "the default recipe + elastic deformation (2 px) of half the labelled patches",
+    "combo_e_elastic": Recipe("denoiseg", "combo_d_jitter_uncertainty + elastic deformation (2 px) of half the labelled patches",
                               {**_COMBO_E, "elastic_deformation": 2.0}),
-    "combo_e_ramp_elastic": Recipe("denoiseg", "the default recipe + labelled fraction 0.75 -> 0.25 + elastic 2 px",
+    "combo_e_ramp_elastic": Recipe("denoiseg", "combo_d_jitter_uncertainty + labelled fraction 0.75 -> 0.25 + elastic 2 px",
                                    {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
                                     "elastic_deformation": 2.0}),
     # chosen on validation among the combinations above (screen, 3 seeds), with the denoising finish
-    "combo_f": Recipe("denoiseg", "the default recipe with the labelled fraction falling from 0.75 to 0.25 over the joint "
-                      "epochs, then Noise2Void alone for the last third (for best_denoising.pt)",
+    "combo_f": Recipe("denoiseg", "combo_d_jitter_uncertainty with the labelled fraction falling from 0.75 to 0.25 over "
+                      "the joint epochs, then Noise2Void alone for the last third (for best_denoising.pt): the default recipe",
                       {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
                        "denoising_finish_fraction": 1 / 3}),
-    "combo_e_denoising_finish": Recipe("denoiseg", "the default recipe, its last third of the epochs Noise2Void only "
+    "combo_e_denoising_finish": Recipe("denoiseg", "combo_d_jitter_uncertainty, its last third of the epochs Noise2Void only "
                                        "(for best_denoising.pt; best.pt comes from the joint epochs)",
                                        {**_COMBO_E, "denoising_finish_fraction": 1 / 3}),
     # equal wall-clock time: on 2 CPU cores (bf16) a training step of the default recipe takes 0.383 s with
@@ -277,7 +277,7 @@ RECIPES: dict[str, Recipe] = {
     "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),
 }
 #: recipes drawn as lines in the plot, with their colours
-_PLOT_COLOURS = {"default": "tab:red", "combo_d_jitter_uncertainty": "tab:red", "combo_d_jitter": "tab:blue",
+_PLOT_COLOURS = {"default": "tab:red", "combo_f": "tab:red", "combo_d_jitter_uncertainty": "tab:gray", "combo_d_jitter": "tab:blue",
                  "ema": "tab:cyan", "combo_d": "tab:pink", "baseline": "tab:green", "baseline_ema": "tab:olive", "sequential": "tab:purple", "paper": "tab:orange",
                  "denoiseg_v1": "tab:brown"}
 _BUDGET_MARKERS = {"cpu": "o", "screen": "s", "paper": "D"}
