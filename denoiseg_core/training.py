@@ -542,7 +542,7 @@ class Trainer:
 
     def _run_epoch(self, batches: Iterator[tuple]) -> None:
         cfg = self.config.training
-        if self.epoch == cfg.epochs - cfg.denoising_finish_epochs and self.denoising_only_phase(self.epoch):
+        if cfg.denoising_finish_epochs and self.epoch == cfg.epochs - cfg.denoising_finish_epochs:
             # The finish runs at the initial rate again: the joint epochs' plateaus (mostly segmentation
             # over-fitting the few labels) say nothing about how far denoising still has to go. (A half
             # cosine down to 0 instead denoised worse on DSB2018: 33.97 and 34.36 dB against 34.13 and 34.44.)

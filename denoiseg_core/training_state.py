@@ -110,9 +110,7 @@ class BestEpochs:
 
     def __init__(self, training: TrainingConfig):
         self.metric = training.best_metric
-        self.denoising_trained = (
-            training.alpha != 0 or training.warm_start_epochs != 0 or training.denoising_finish_epochs != 0
-        )
+        self.denoising_trained = training.alpha != 0 or training.warm_start_epochs != 0  # a finish needs alpha > 0
         self.value: float | None = None
         self.denoise_value: float | None = None
 
