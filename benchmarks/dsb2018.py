@@ -262,6 +262,13 @@ RECIPES: dict[str, Recipe] = {
                       "the joint epochs, then Noise2Void alone for the last third (for best_denoising.pt): the default recipe",
                       {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
                        "denoising_finish_fraction": 1 / 3}),
+    # levers taken off the default, for N = 38 where it trails the baseline
+    "combo_f_no_pseudo_labels": Recipe("denoiseg", "combo_f without the semi-supervised term (no pseudo-labels; EMA kept)",
+                                       {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
+                                        "denoising_finish_fraction": 1 / 3, "semi_supervised": None}),
+    "combo_f_labelled_constant": Recipe("denoiseg", "combo_f with a constant labelled share of 0.75 (no ramp down)",
+                                        {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": None,
+                                         "denoising_finish_fraction": 1 / 3}),
     "combo_e_denoising_finish": Recipe("denoiseg", "combo_d_jitter_uncertainty, its last third of the epochs Noise2Void only "
                                        "(for best_denoising.pt; best.pt comes from the joint epochs)",
                                        {**_COMBO_E, "denoising_finish_fraction": 1 / 3}),
