@@ -186,6 +186,12 @@ class TrainingConfig(StrictModel):
         wanted = max(1, round(self.denoising_finish_fraction * self.epochs))
         return max(0, min(wanted, self.epochs - self.warm_start_epochs - 1))
 
+    @property
+    def denoising_finish_start(self) -> int:
+        """The 0-based epoch where the denoising finish starts (``epochs`` when there is none): the
+        joint epochs end here."""
+        return self.epochs - self.denoising_finish_epochs
+
 
 class DenoiSegConfig(StrictModel):
     """Everything a training run needs; saved in the run folder and in every checkpoint."""

@@ -219,6 +219,7 @@ def evaluate(
     device: str | torch.device | None = None,
     precision: str | None = None,
     on_prediction: Callable[[ScoredImage, Prediction, np.ndarray], None] | None = None,
+    denoiser: EvaluatedModel | None = None,
 ) -> dict[str, Any]:
     """Predict, segment (with :func:`instance_settings`) and score every image.
 
@@ -226,13 +227,20 @@ def evaluate(
     ``instance_settings`` and ``precision`` used, and, over the images with a noise-free version,
     ``psnr`` of the denoised and ``psnr_input`` of the raw image (also per image).
     ``images`` may be a generator (read one at a time); ``on_prediction(image,
-    prediction, labels)`` is called for each (e.g. to write the outputs).
+    prediction, labels)`` is called for each (e.g. to write the outputs). ``denoiser``: another
+    checkpoint of the same kind (e.g. a run's ``best_denoising.pt``) whose denoised output replaces
+    ``model``'s, for PSNR and ``on_prediction``.
     """
     predict = ImagePredictor(model, tile=tile, batch_size=batch_size, device=device, precision=precision)
+    denoise = None
+    if denoiser is not None:
+        denoise = ImagePredictor(denoiser, tile=tile, batch_size=batch_size, device=predict.device, precision=precision)
     settings = instance_settings(model, threshold)
     names, masks, predictions, psnrs = [], [], [], []
     for scored in images:
         prediction = predict(scored.image)
+        if denoise is not None:
+            prediction = replace(prediction, denoised=denoise(scored.image).denoised)
         labels = instance_labels(model.built.head, prediction.probabilities, settings)
         names.append(scored.name)
         masks.append(scored.mask)

@@ -159,7 +159,7 @@ class Trainer:
         ramped = cfg.labelled_fraction is not None and cfg.labelled_fraction_final is not None
         if ramped or cfg.denoising_finish_epochs:
             ramp = None
-            finish_from = (cfg.epochs - cfg.denoising_finish_epochs) * cfg.steps_per_epoch
+            finish_from = cfg.denoising_finish_start * cfg.steps_per_epoch
             if ramped:  # reached where the denoising finish starts
                 ramp = LinearRamp(cfg.labelled_fraction, cfg.labelled_fraction_final, finish_from)
             self._labelled_fraction_at = LabelledFractionSchedule(
@@ -400,7 +400,7 @@ class Trainer:
         cfg = self.config.training
         if epoch < cfg.warm_start_epochs:
             return "warm start"
-        if epoch >= cfg.epochs - cfg.denoising_finish_epochs:
+        if epoch >= cfg.denoising_finish_start:
             return "denoising finish"
         return None
 
@@ -409,7 +409,7 @@ class Trainer:
         of the current epoch."""
         cfg = self.config.training
         done = (self.epoch - cfg.warm_start_epochs) * cfg.steps_per_epoch + step
-        joint_steps = (cfg.epochs - cfg.warm_start_epochs - cfg.denoising_finish_epochs) * cfg.steps_per_epoch
+        joint_steps = (cfg.denoising_finish_start - cfg.warm_start_epochs) * cfg.steps_per_epoch
         return min(1.0, max(0.0, done / max(1, joint_steps)))
 
     def _forward(self, forward, inputs: torch.Tensor) -> torch.Tensor:
@@ -542,7 +542,7 @@ class Trainer:
 
     def _run_epoch(self, batches: Iterator[tuple]) -> None:
         cfg = self.config.training
-        if cfg.denoising_finish_epochs and self.epoch == cfg.epochs - cfg.denoising_finish_epochs:
+        if cfg.denoising_finish_epochs and self.epoch == cfg.denoising_finish_start:
             # The finish runs at the initial rate again: the joint epochs' plateaus (mostly segmentation
             # over-fitting the few labels) say nothing about how far denoising still has to go. (A half
             # cosine down to 0 instead denoised worse on DSB2018: 33.97 and 34.36 dB against 34.13 and 34.44.)

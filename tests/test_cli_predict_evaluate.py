@@ -19,7 +19,7 @@ from denoiseg_core.cli import build_app
 from denoiseg_core.config import DenoiSegConfig
 from denoiseg_core.data import Normalization
 from denoiseg_core.errors import DataError
-from denoiseg_core.metrics import evaluate_segmentation
+from denoiseg_core.metrics import evaluate_segmentation, psnr
 from denoiseg_core.model import build_model
 from denoiseg_core.evaluation import run_precision, segment
 from denoiseg_core.prediction import predict_image
@@ -300,6 +300,40 @@ def test_evaluate_writes_json_with_metrics(workspace, tmp_path):
     assert data["seg"] == pytest.approx(expected["seg"])
     assert np.isfinite(data["psnr"]) and np.isfinite(data["psnr_input"])
     assert "AP@0.5" in result.output and "PSNR" in result.output
+
+
+def test_evaluate_on_a_run_folder_scores_the_denoising_of_its_best_denoising_checkpoint(workspace, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(workspace["checkpoint"].read_bytes())
+    make_checkpoint(run / "best_denoising.pt", seed=1)
+    segmenter, denoiser = load_checkpoint(run / "best.pt"), load_checkpoint(run / "best_denoising.pt")
+    args = ("--images", workspace["images"], "--masks", workspace["masks"], "--clean", workspace["clean"])
+    reports = {}
+    for choice in ("auto", "same"):
+        reports[choice] = tmp_path / f"{choice}.json"
+        result = invoke("evaluate", run, *args, "--json", reports[choice], "--denoiser", choice)
+        assert result.exit_code == 0, result.output
+    auto, same = (json.loads(reports[c].read_text()) for c in ("auto", "same"))
+    assert auto["denoising_checkpoint"].endswith("best_denoising.pt") and same["denoising_checkpoint"].endswith("best.pt")
+    assert "best_denoising.pt" in invoke("evaluate", run, *args).output
+
+    def expected_psnr(model) -> float:
+        values = []
+        for name in ("img0.tif", "img1.tif"):
+            image = tifffile.imread(workspace["images"] / name).astype(np.float32)[None]
+            clean = tifffile.imread(workspace["clean"] / name).astype(np.float32)[None]
+            precision = run_precision(model.config, model.ndim, torch.device("cpu"))
+            values.append(psnr(clean, predict_image(model, image, precision=precision).denoised))
+        return float(np.mean(values))
+
+    assert auto["psnr"] == pytest.approx(expected_psnr(denoiser), abs=1e-3)
+    assert same["psnr"] == pytest.approx(expected_psnr(segmenter), abs=1e-3)
+    assert abs(auto["psnr"] - same["psnr"]) > 1e-2  # the two checkpoints denoise differently
+    # segmentation is best.pt's either way
+    assert auto["ap50"] == same["ap50"] and auto["per_image"] == [
+        {**row, "psnr": a["psnr"]} for row, a in zip(same["per_image"], auto["per_image"])
+    ]
 
 
 def test_evaluate_prints_only_without_json(workspace, tmp_path, monkeypatch):

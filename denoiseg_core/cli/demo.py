@@ -50,7 +50,7 @@ def demo_command(
     from denoiseg_core.evaluation import results_json
     from denoiseg_core.io import atomic_write_text
     from denoiseg_core.synthetic import write_synthetic_dataset
-    from denoiseg_core.training import train
+    from denoiseg_core.training import BEST_DENOISING, train
 
     started = time.perf_counter()
     run_dir = out / "run"
@@ -84,7 +84,10 @@ def demo_command(
 
     typer.echo("[3/5] predicting the test images")
     model = load_checkpoint(result.best_checkpoint)
-    evaluation = _predict_and_evaluate(model, folders, out / "predictions")
+    # the denoised images come from the epoch that denoised the validation images best
+    best_denoising = result.run_dir / BEST_DENOISING
+    denoiser = load_checkpoint(best_denoising) if best_denoising.is_file() else None
+    evaluation = _predict_and_evaluate(model, folders, out / "predictions", denoiser)
     atomic_write_text(out / "evaluation.json", results_json(evaluation))
 
     from denoiseg_core.metrics import format_table
@@ -110,7 +113,7 @@ def demo_command(
         typer.echo(f"  bioimage.io model: {package}")
 
 
-def _predict_and_evaluate(model, folders: dict[str, Path], out: Path) -> dict:
+def _predict_and_evaluate(model, folders: dict[str, Path], out: Path, denoiser=None) -> dict:
     """Scores on the test images (PSNR against their clean versions), writing each one's denoised image and labels."""
     import numpy as np
 
@@ -129,7 +132,7 @@ def _predict_and_evaluate(model, folders: dict[str, Path], out: Path) -> dict:
         write_tiff(out / f"{stem}_denoised.tif", prediction.denoised[0].astype(np.float32), overwrite=True)
         write_tiff(out / f"{stem}_labels.tif", labels.astype(np.uint16), overwrite=True)
 
-    return evaluate(model, images(), on_prediction=write)
+    return evaluate(model, images(), on_prediction=write, denoiser=denoiser)
 
 
 def _export(checkpoint: Path, target: Path, folders: dict[str, Path]) -> Path | None:

@@ -59,6 +59,7 @@ def evaluate_command(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --json file")] = False,
+    denoiser: inputs.DenoiserOption = "auto",
     trust_checkpoint: inputs.TrustCheckpointOption = False,
 ) -> None:
     """Predict every image in --images and score it against the mask of the same name."""
@@ -69,6 +70,8 @@ def evaluate_command(
     from denoiseg_core.runtime import resolve_device, resolve_precision
 
     model = inputs.load_model(checkpoint, trust_checkpoint)
+    # only PSNR needs the denoised images
+    denoising_model = inputs.load_denoiser(checkpoint, denoiser, model, trust_checkpoint) if clean is not None else None
     tile_size = inputs.parse_tile(tile, model.ndim)
     target = resolve_device(device)
     chosen_precision = resolve_precision(precision, target) if precision is not None else None
@@ -84,7 +87,8 @@ def evaluate_command(
         # the report may replace none of the inputs: images, masks, the checkpoint and its run's checkpoints
         check_outputs(
             [json_path],
-            inputs=[*files, *mask_files, *(clean_files or []), model.path, *model.path.parent.glob("*.pt")],
+            inputs=[*files, *mask_files, *(clean_files or []), model.path, *model.path.parent.glob("*.pt"),
+                    *([denoising_model.path] if denoising_model is not None else [])],
             overwrite=overwrite,
             what="JSON report",
         )
@@ -119,13 +123,19 @@ def evaluate_command(
             device=target,
             precision=chosen_precision,
             on_prediction=lambda *_: progress.advance(task),
+            denoiser=denoising_model,
         )
     results["checkpoint"] = str(model.path)
+    if clean_files is not None:
+        results["denoising_checkpoint"] = str((denoising_model or model).path)
 
     typer.echo(format_table(results))
     typer.echo(f"instance settings: {instance_settings(model, threshold).describe()}, precision: {results['precision']}")
     if clean_files is not None:
-        typer.echo(f"PSNR: denoised {results['psnr']:.2f} dB (noisy input {results['psnr_input']:.2f} dB)")
+        typer.echo(
+            f"PSNR: denoised {results['psnr']:.2f} dB (noisy input {results['psnr_input']:.2f} dB), "
+            f"denoised by {results['denoising_checkpoint']}"
+        )
     if json_path is not None:
         atomic_write_text(json_path, results_json(results))
         typer.echo(f"metrics written to {json_path}")

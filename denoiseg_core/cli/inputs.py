@@ -134,6 +134,37 @@ TrustCheckpointOption = Annotated[
         help="load a checkpoint that needs full unpickling (it can run code from the file: only for files you trust)",
     ),
 ]
+#: the ``--denoiser`` option of the commands that write or score denoised images
+DenoiserOption = Annotated[
+    str,
+    typer.Option(
+        help="checkpoint for the denoised images: 'auto' (given a run folder, its best_denoising.pt, the epoch "
+        "that denoised validation images best, when there is one; else CHECKPOINT), 'same' (CHECKPOINT), or a .pt file"
+    ),
+]
+
+
+def load_denoiser(checkpoint: Path, choice: str, model: LoadedModel, trust_checkpoint: bool = False) -> LoadedModel | None:
+    """The model that denoises when it is not ``model`` itself (``--denoiser``; None: ``model``)."""
+    from denoiseg_core.training import BEST_DENOISING
+
+    if choice == "same":
+        return None
+    if choice == "auto":
+        path = Path(checkpoint) / BEST_DENOISING
+        if not (Path(checkpoint).is_dir() and path.is_file()):
+            return None
+    else:
+        path = Path(choice)
+    denoiser = load_model(path, trust_checkpoint)
+    if (denoiser.ndim, denoiser.in_channels) != (model.ndim, model.in_channels):
+        raise ConfigError(
+            f"--denoiser {denoiser.path}: a {denoiser.ndim}D model of {denoiser.in_channels} "
+            f"channel(s), but {model.path} is {model.ndim}D with {model.in_channels}"
+        )
+    return denoiser
+
+
 def stderr_console() -> Console:
     from rich.console import Console
 

@@ -17,8 +17,10 @@ import typer
 
 from denoiseg_core.cli.inputs import (
     THRESHOLD_HELP,
+    DenoiserOption,
     TrustCheckpointOption,
     collect_inputs,
+    load_denoiser,
     load_model,
     model_axes,
     parse_tile,
@@ -99,13 +101,7 @@ def predict_command(
     ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace existing output files")] = False,
     skip_existing: SkipExistingOption = False,
-    denoiser: Annotated[
-        str,
-        typer.Option(
-            help="checkpoint for NAME_denoised.tif: 'auto' (given a run folder, its best_denoising.pt, the epoch "
-            "that denoised validation images best, when there is one; else CHECKPOINT), 'same' (CHECKPOINT), or a .pt file"
-        ),
-    ] = "auto",
+    denoiser: DenoiserOption = "auto",
     trust_checkpoint: TrustCheckpointOption = False,
 ) -> None:
     """Denoise and segment images: writes NAME_denoised.tif and NAME_labels.tif for each input."""
@@ -119,7 +115,7 @@ def predict_command(
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: use auto, fp32 or bf16")
     model = load_model(checkpoint, trust_checkpoint)
-    denoising_model = _denoising_model(checkpoint, denoiser, model, trust_checkpoint)
+    denoising_model = load_denoiser(checkpoint, denoiser, model, trust_checkpoint)
     tile_size = parse_tile(tile, model.ndim)
     target = resolve_device(device)
     files = collect_inputs(inputs)
@@ -171,27 +167,6 @@ def predict_command(
     from rich.console import Console
 
     Console().print(table)
-
-
-def _denoising_model(checkpoint: Path, choice: str, model, trust_checkpoint: bool):
-    """The model that writes the denoised images when it is not ``model`` itself (``--denoiser``)."""
-    from denoiseg_core.training import BEST_DENOISING
-
-    if choice == "same":
-        return None
-    if choice == "auto":
-        path = Path(checkpoint) / BEST_DENOISING
-        if not (Path(checkpoint).is_dir() and path.is_file()):
-            return None
-    else:
-        path = Path(choice)
-    denoising_model = load_model(path, trust_checkpoint)
-    if (denoising_model.ndim, denoising_model.in_channels) != (model.ndim, model.in_channels):
-        raise ConfigError(
-            f"--denoiser {denoising_model.path}: a {denoising_model.ndim}D model of {denoising_model.in_channels} "
-            f"channel(s), but {model.path} is {model.ndim}D with {model.in_channels}"
-        )
-    return denoising_model
 
 
 def register(app: typer.Typer) -> None:
