@@ -582,6 +582,7 @@ class Trainer:
         # moves by a few parts in a thousand, so a joint epoch could win by chance against a better denoiser
         finishing = cfg.denoising_finish_epochs == 0 or phase == "denoising finish"
         denoise_improved = finishing and self.state.best.improves_denoising(values)
+        self._check_ranks_agree_on_loss_weights()
         if not self.is_main:
             return
         # best checkpoints first: a kill between the writes never leaves one behind last.pt
@@ -592,6 +593,21 @@ class Trainer:
         self._save("last.pt")
         self.report.write(self.history)
         self.report.epoch_done(values, denoising_only=phase, best=improved)
+
+    def _check_ranks_agree_on_loss_weights(self) -> None:
+        """Stop if the learned loss weights differ between ranks: DDP does not average their gradients
+        (see :meth:`train_step`), and rank 0 saves only its own."""
+        if not (self.dist.enabled and self.state.loss_weighting is not None):
+            return
+        own = self.state.loss_weighting.log_variances.detach().double().cpu()
+        rank0 = torch.tensor(distributed.broadcast_values(own.tolist(), self.dist, self.device), dtype=torch.float64)
+        # every rank learns whether any rank differs, so all stop together instead of one waiting forever
+        differs = distributed.all_reduce_mean((own - rank0).abs().max().reshape(1).to(self.device), self.dist)
+        if float(differs) > 1e-6:
+            mine = "" if self.dist.rank == 0 else f"rank {self.dist.rank}: {own.tolist()}, "
+            raise RuntimeError(
+                f"epoch {self.epoch}: the learned loss weights differ between processes ({mine}rank 0: {rank0.tolist()})"
+            )
 
     def _finish(self) -> TrainingRun:
         best_path = self.run_dir / "best.pt"

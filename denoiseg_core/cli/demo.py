@@ -94,6 +94,9 @@ def demo_command(
 
     typer.echo("[4/5] evaluation on the held-out synthetic test images:")
     typer.echo(format_table(evaluation))
+    if "psnr" in evaluation:
+        source = BEST_DENOISING if denoiser is not None else result.best_checkpoint.name
+        typer.echo(f"PSNR: denoised {evaluation['psnr']:.2f} dB by {source} (noisy input {evaluation['psnr_input']:.2f} dB)")
 
     package = None
     if export:
