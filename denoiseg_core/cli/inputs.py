@@ -134,6 +134,7 @@ TrustCheckpointOption = Annotated[
         help="load a checkpoint that needs full unpickling (it can run code from the file: only for files you trust)",
     ),
 ]
+
 #: the ``--denoiser`` option of the commands that write or score denoised images
 DenoiserOption = Annotated[
     str,
