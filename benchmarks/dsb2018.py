@@ -269,6 +269,12 @@ RECIPES: dict[str, Recipe] = {
     "combo_f_labelled_constant": Recipe("denoiseg", "combo_f with a constant labelled share of 0.75 (no ramp down)",
                                         {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": None,
                                          "denoising_finish_fraction": 1 / 3}),
+    "combo_f_pseudo_unlabelled_only": Recipe("denoiseg", "combo_f with the pseudo-labels on the unlabelled patches only "
+                                             "(FixMatch style; the labelled ones keep their true labels alone)",
+                                             {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
+                                              "denoising_finish_fraction": 1 / 3,
+                                              "semi_supervised": {**_PSEUDO_LABELS,
+                                                                  "params": {**_PSEUDO_LABELS["params"], "unlabelled_only": True}}}),
     "combo_e_denoising_finish": Recipe("denoiseg", "combo_d_jitter_uncertainty, its last third of the epochs Noise2Void only "
                                        "(for best_denoising.pt; best.pt comes from the joint epochs)",
                                        {**_COMBO_E, "denoising_finish_fraction": 1 / 3}),
