@@ -55,12 +55,14 @@ class _CountingNet(nn.Module):
 
 
 class RunPredictor:
-    """A denoiseg checkpoint: a run folder (its ``best.pt``) or a ``.pt`` file."""
+    """A denoiseg checkpoint: a run folder or a ``.pt`` file. A run folder segments with its
+    ``best.pt`` and denoises with its ``best_denoising.pt`` when there is one, as ``denoiseg predict``."""
 
     def __init__(self, source: Path, tile: Sequence[int] | None = None):
         """``tile``: tile size; None tiles as ``denoiseg predict`` does (whole up to 1024x1024
         pixels, device-sized tiles above)."""
         from denoiseg_core.checkpoint import load_checkpoint
+        from denoiseg_core.training import BEST_DENOISING
 
         self.tile = tile
 
@@ -69,6 +71,9 @@ class RunPredictor:
         if source.is_dir() and not checkpoint.is_file():
             raise DenoiSegError("no best.pt in the run folder (has an epoch finished?)", source)
         self.model = load_checkpoint(checkpoint)
+        self.denoiser = None
+        if source.is_dir() and (source / BEST_DENOISING).is_file():
+            self.denoiser = load_checkpoint(source / BEST_DENOISING)
         self.ndim = self.model.ndim
         self.settings = instance_settings(self.model)
         self.threshold = self.settings.primary_threshold
@@ -78,11 +83,18 @@ class RunPredictor:
     def tiles(self, spatial: Sequence[int]) -> int:
         built = self.model.built
         tile = choose_tile(self.tile, spatial, built.size_divisor, built.halo, device=resolve_device("auto"))
-        return len(tile_plan(spatial, tile, built.halo, built.size_divisor))
+        passes = 1 if self.denoiser is None else 2
+        return passes * len(tile_plan(spatial, tile, built.halo, built.size_divisor))
 
     def predict(self, image: np.ndarray, on_tiles: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
         """``(denoised (*spatial), probabilities (K, *spatial))`` of one single-channel image."""
-        model, built = self.model, self.model.built
+        output = self._outputs(self.model, image, on_tiles)
+        denoised = output if self.denoiser is None else self._outputs(self.denoiser, image, on_tiles)
+        return denoised[0], output[1:]
+
+    def _outputs(self, model, image: np.ndarray, on_tiles: Callable[[int], None]) -> np.ndarray:
+        """``model``'s output channels for ``image``, the denoised one de-normalised."""
+        built = model.built
         tile = choose_tile(self.tile, image.shape, built.size_divisor, built.halo, device=resolve_device("auto"))
         output = predict_array(
             _CountingNet(model.inference_net(), on_tiles).eval(),
@@ -95,7 +107,8 @@ class RunPredictor:
             out_channels=1 + built.head.num_classes,
             normalization=model.normalization,
         )
-        return model.normalization.denormalize(output[:1])[0], output[1:]
+        output[:1] = model.normalization.denormalize(output[:1])
+        return output
 
     def instances(self, probabilities: np.ndarray, threshold: float) -> np.ndarray:
         return instance_labels(self.model.head, probabilities, self.settings.with_threshold(threshold))

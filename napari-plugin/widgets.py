@@ -454,7 +454,7 @@ class PredictWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.source = QLineEdit(str(_recent_run.get("run", "")))
-        self.source.setToolTip("a run folder (its best.pt), a .pt checkpoint, or a bioimage.io package .zip")
+        self.source.setToolTip("a run folder (best.pt segments, best_denoising.pt denoises), a .pt checkpoint, or a bioimage.io package .zip")
         _follow_recent_run(self.source)
         self.layer = LayerChoice(napari_viewer, Image)
         self.layer.currentTextChanged.connect(self._default_axes)

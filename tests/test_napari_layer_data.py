@@ -141,6 +141,18 @@ def test_tiled_layer_prediction_reports_progress_and_equals_denoiseg_predict(tmp
     assert code == 0, err
     assert "resuming" in out and len((tmp_path / "run" / "log.csv").read_text().strip().splitlines()) == 3
 
+    # epoch 2 was the denoising finish: best_denoising.pt now differs from best.pt, and the run folder
+    # denoises with it (as `denoiseg predict RUN_FOLDER`) while best.pt still segments
+    segmenter, denoiser = (load_checkpoint(tmp_path / "run" / name) for name in ("best.pt", "best_denoising.pt"))
+    predictor = RunPredictor(tmp_path / "run", tile=(64, 64))
+    assert predictor.tiles((100, 120)) == 2 * RunPredictor(tmp_path / "run" / "best.pt", tile=(64, 64)).tiles((100, 120))
+    result = predict_layer(predictor, "noisy", layer[:1], "SYX", lambda done, total: None)
+    by_segmenter = predict_image(segmenter, layer[0][None], tile=(64, 64), precision="auto")
+    by_denoiser = predict_image(denoiser, layer[0][None], tile=(64, 64), precision="auto")
+    assert np.abs(by_segmenter.denoised - by_denoiser.denoised).max() > 1e-2
+    np.testing.assert_allclose(result.denoised[0], by_denoiser.denoised[0], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(result.probabilities[:, 0], by_segmenter.probabilities, atol=1e-4)
+
 
 def test_recipes_config_file_and_overrides(tmp_path):
     from denoiseg_napari.training_run import TrainingRequest, build_config
