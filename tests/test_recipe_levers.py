@@ -138,6 +138,29 @@ def test_mean_teacher_is_zero_for_an_equivariant_teacher_that_agrees_and_pulls_o
     assert sigmoid_ramp(0.0, 0.3) < 0.01 and sigmoid_ramp(0.3, 0.3) == 1.0
 
 
+def test_mean_teacher_unlabelled_only_leaves_the_labelled_patches_to_their_labels():
+    from denoiseg_plugins.three_class_head import ThreeClassHead
+
+    torch.manual_seed(0)
+    patches = torch.randn(4, 1, 16, 16)
+    teacher_logits = torch.randn(4, 3, 16, 16)
+
+    def teacher(x):  # any teacher: the term is only read where it applies
+        return teacher_logits
+
+    labelled = torch.tensor([True, True, False, False])
+    objective = MeanTeacherConsistency(MeanTeacherParams(noise=0.0, ramp_up=0.0, loss="cross_entropy", unlabelled_only=True))
+    student = torch.zeros(4, 3, 16, 16, requires_grad=True)
+    objective(student_logits=student, patches=patches, labelled=labelled, teacher=teacher, head=ThreeClassHead(),
+              progress=1.0, generator=torch.Generator().manual_seed(1)).backward()
+    per_patch = student.grad.abs().sum(dim=(1, 2, 3))
+    assert float(per_patch[:2].max()) == 0.0 and float(per_patch[2:].min()) > 0
+    # no unlabelled patch in the batch: the term is zero, not NaN
+    none = objective(student_logits=student, patches=patches, labelled=torch.ones(4, dtype=torch.bool), teacher=teacher,
+                     head=ThreeClassHead(), progress=1.0, generator=torch.Generator().manual_seed(1))
+    assert float(none.detach()) == 0.0
+
+
 def test_validation_ignores_images_without_objects(dataset):
     from denoiseg_core.data import ImageRecord
 
