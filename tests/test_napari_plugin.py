@@ -176,7 +176,8 @@ def test_train_stop_continue_predict_threshold_correct_retrain(viewer_with_sampl
     assert viewer.layers["noisy nuclei probabilities"].data.shape == (3, *shape)
     labels_layer = viewer.layers["noisy nuclei labels"]
     assert isinstance(labels_layer, napari.layers.Labels) and labels_layer.data.shape == shape
-    assert predict.progress.value() == predict.progress.maximum() == SAMPLE_IMAGES  # one tile per 128x128 image
+    # one tile per 128x128 image and network: best.pt segments, best_denoising.pt denoises
+    assert predict.progress.value() == predict.progress.maximum() == 2 * SAMPLE_IMAGES
     probabilities = viewer.layers["noisy nuclei probabilities"].data
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-3)
 
