@@ -46,6 +46,7 @@ def demo_command(
     import shutil
 
     from denoiseg_core.checkpoint import load_checkpoint
+    from denoiseg_core.cli.inputs import load_denoiser
     from denoiseg_core.config import load_config
     from denoiseg_core.evaluation import results_json
     from denoiseg_core.io import atomic_write_text
@@ -84,9 +85,8 @@ def demo_command(
 
     typer.echo("[3/5] predicting the test images")
     model = load_checkpoint(result.best_checkpoint)
-    # the denoised images come from the epoch that denoised the validation images best
-    best_denoising = result.run_dir / BEST_DENOISING
-    denoiser = load_checkpoint(best_denoising) if best_denoising.is_file() else None
+    # the denoised images come from the epoch that denoised the validation images best (as `predict RUN_FOLDER`)
+    denoiser = load_denoiser(result.run_dir, "auto", model)
     evaluation = _predict_and_evaluate(model, folders, out / "predictions", denoiser)
     atomic_write_text(out / "evaluation.json", results_json(evaluation))
 
