@@ -59,7 +59,7 @@ from denoiseg_core.errors import DenoiSegError
 from denoiseg_core.io import atomic_write_bytes, atomic_write_text, read_image
 from denoiseg_core.evaluation import ImagePredictor, ScoredImage, evaluate
 from denoiseg_core.metrics import psnr
-from denoiseg_core.training import BEST_DENOISING
+from denoiseg_core.checkpoint import BEST_DENOISING
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPOSITORY.parent / "shared" / "data" / "dsb2018"

@@ -38,6 +38,8 @@ TRUST_FLAG = "--trust-checkpoint"
 
 #: keys every checkpoint has; others (added by newer versions or plugins) load as they are
 REQUIRED_KEYS = ("config", "ndim", "in_channels", "normalization", "model_state")
+#: a run folder's checkpoint with the lowest validation denoising loss (written when denoising is trained)
+BEST_DENOISING = "best_denoising.pt"
 
 _full_unpickling_allowed: ContextVar[bool] = ContextVar("denoiseg_full_unpickling_allowed", default=False)
 
@@ -269,6 +271,13 @@ def load_checkpoint(path: Path, registry=None) -> LoadedModel:
         versions=state.get("versions", {}),
         state=state,
     )
+
+
+def run_denoiser_path(source: Path) -> Path | None:
+    """The checkpoint that denoises best for ``source``: a run folder's ``best_denoising.pt``; None
+    when ``source`` is a checkpoint file or its run has none (its segmentation checkpoint denoises)."""
+    path = Path(source) / BEST_DENOISING
+    return path if Path(source).is_dir() and path.is_file() else None
 
 
 def _stored_settings(state: dict[str, Any], head, path: Path) -> InstanceSettings | None:

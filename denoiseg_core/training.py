@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from denoiseg_core.checkpoint import read_checkpoint_state, read_package_state
+from denoiseg_core.checkpoint import BEST_DENOISING, read_checkpoint_state, read_package_state
 from denoiseg_core.config import DenoiSegConfig, save_config, stored_config, validate_components
 from denoiseg_core.components import InstanceSettings
 from denoiseg_core.data import (
@@ -72,8 +72,6 @@ from denoiseg_core.training_state import (
 )
 
 VALIDATION_PATCH_BATCHES = 4
-#: the checkpoint with the lowest validation denoising loss (written when denoising is trained)
-BEST_DENOISING = "best_denoising.pt"
 #: torch.compile backend used by ``training.compile`` (tests may pick a cheaper one)
 COMPILE_BACKEND = "inductor"
 

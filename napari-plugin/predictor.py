@@ -61,8 +61,7 @@ class RunPredictor:
     def __init__(self, source: Path, tile: Sequence[int] | None = None):
         """``tile``: tile size; None tiles as ``denoiseg predict`` does (whole up to 1024x1024
         pixels, device-sized tiles above)."""
-        from denoiseg_core.checkpoint import load_checkpoint
-        from denoiseg_core.training import BEST_DENOISING
+        from denoiseg_core.checkpoint import load_checkpoint, run_denoiser_path
 
         self.tile = tile
 
@@ -71,9 +70,8 @@ class RunPredictor:
         if source.is_dir() and not checkpoint.is_file():
             raise DenoiSegError("no best.pt in the run folder (has an epoch finished?)", source)
         self.model = load_checkpoint(checkpoint)
-        self.denoiser = None
-        if source.is_dir() and (source / BEST_DENOISING).is_file():
-            self.denoiser = load_checkpoint(source / BEST_DENOISING)
+        denoiser = run_denoiser_path(source)
+        self.denoiser = None if denoiser is None else load_checkpoint(denoiser)
         self.ndim = self.model.ndim
         self.settings = instance_settings(self.model)
         self.threshold = self.settings.primary_threshold

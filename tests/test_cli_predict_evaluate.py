@@ -336,6 +336,16 @@ def test_evaluate_on_a_run_folder_scores_the_denoising_of_its_best_denoising_che
     ]
 
 
+def test_evaluate_refuses_a_denoiser_file_it_could_not_score(workspace, tmp_path):
+    # without --clean there is no PSNR, so a --denoiser FILE would be ignored without a word
+    other = make_checkpoint(tmp_path / "other.pt", seed=1)
+    report = tmp_path / "report.json"
+    result = run_cli("evaluate", workspace["checkpoint"], "--images", workspace["images"], "--masks", workspace["masks"],
+                     "--json", report, "--denoiser", other)
+    assert_one_line_error(result, "--denoiser", "other.pt", "--clean")
+    assert not report.exists()
+
+
 def test_evaluate_prints_only_without_json(workspace, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("evaluate", workspace["checkpoint"], "--images", workspace["images"], "--masks", workspace["masks"])

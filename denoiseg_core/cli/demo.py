@@ -51,7 +51,7 @@ def demo_command(
     from denoiseg_core.evaluation import results_json
     from denoiseg_core.io import atomic_write_text
     from denoiseg_core.synthetic import write_synthetic_dataset
-    from denoiseg_core.training import BEST_DENOISING, train
+    from denoiseg_core.training import train
 
     started = time.perf_counter()
     run_dir = out / "run"
@@ -95,7 +95,7 @@ def demo_command(
     typer.echo("[4/5] evaluation on the held-out synthetic test images:")
     typer.echo(format_table(evaluation))
     if "psnr" in evaluation:
-        source = BEST_DENOISING if denoiser is not None else result.best_checkpoint.name
+        source = (denoiser or model).path.name
         typer.echo(f"PSNR: denoised {evaluation['psnr']:.2f} dB by {source} (noisy input {evaluation['psnr_input']:.2f} dB)")
 
     package = None

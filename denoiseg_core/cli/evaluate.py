@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from denoiseg_core.cli import inputs
-from denoiseg_core.errors import DataError
+from denoiseg_core.errors import ConfigError, DataError
 
 
 def find_partner(image: Path, folder: Path, what: str) -> Path:
@@ -69,6 +69,8 @@ def evaluate_command(
     from denoiseg_core.metrics import format_table
     from denoiseg_core.runtime import resolve_device, resolve_precision
 
+    if clean is None and denoiser not in ("auto", "same"):
+        raise ConfigError(f"--denoiser {denoiser}: the denoiser is only scored by PSNR, which needs --clean (the noise-free images)")
     model = inputs.load_model(checkpoint, trust_checkpoint)
     # only PSNR needs the denoised images
     denoising_model = inputs.load_denoiser(checkpoint, denoiser, model, trust_checkpoint) if clean is not None else None

@@ -147,13 +147,13 @@ DenoiserOption = Annotated[
 
 def load_denoiser(checkpoint: Path, choice: str, model: LoadedModel, trust_checkpoint: bool = False) -> LoadedModel | None:
     """The model that denoises when it is not ``model`` itself (``--denoiser``; None: ``model``)."""
-    from denoiseg_core.training import BEST_DENOISING
+    from denoiseg_core.checkpoint import run_denoiser_path
 
     if choice == "same":
         return None
     if choice == "auto":
-        path = Path(checkpoint) / BEST_DENOISING
-        if not (Path(checkpoint).is_dir() and path.is_file()):
+        path = run_denoiser_path(checkpoint)
+        if path is None:
             return None
     else:
         path = Path(choice)
