@@ -199,6 +199,8 @@ _PSEUDO_LABELS = {"name": "mean_teacher", "params": {"loss": "cross_entropy", "c
 _COMBO_D = {**_TUNED, "ema_decay": 0.99, "labelled_fraction": 0.5, "semi_supervised": _PSEUDO_LABELS}
 _COMBO_D_JITTER = {**_COMBO_D, "intensity_jitter": 0.2}
 _COMBO_E = {**_COMBO_D_JITTER, "loss_weighting": "uncertainty"}
+_COMBO_F = {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25, "denoising_finish_fraction": 1 / 3}
+_COMBO_F_CONSTANT = {**_COMBO_F, "labelled_fraction_final": None}
 RECIPES: dict[str, Recipe] = {
     "baseline": Recipe("baseline", "segmentation only (alpha 0) on the labelled crops, checkpoint by AP at "
                        "threshold 0.5", {**_V1, "labelled_fraction": None}),
@@ -259,22 +261,25 @@ RECIPES: dict[str, Recipe] = {
                                     "elastic_deformation": 2.0}),
     # chosen on validation among the combinations above (screen, 3 seeds), with the denoising finish
     "combo_f": Recipe("denoiseg", "combo_d_jitter_uncertainty with the labelled fraction falling from 0.75 to 0.25 over "
-                      "the joint epochs, then Noise2Void alone for the last third (for best_denoising.pt): the default recipe",
-                      {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
-                       "denoising_finish_fraction": 1 / 3}),
-    # levers taken off the default, for N = 38 where it trails the baseline
+                      "the joint epochs, then Noise2Void alone for the last third (for best_denoising.pt): the default "
+                      "recipe before combo_f_labelled_constant", _COMBO_F),
+    # levers taken off combo_f, for N = 38 where it trailed the baseline
     "combo_f_no_pseudo_labels": Recipe("denoiseg", "combo_f without the semi-supervised term (no pseudo-labels; EMA kept)",
-                                       {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
-                                        "denoising_finish_fraction": 1 / 3, "semi_supervised": None}),
-    "combo_f_labelled_constant": Recipe("denoiseg", "combo_f with a constant labelled share of 0.75 (no ramp down)",
-                                        {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": None,
-                                         "denoising_finish_fraction": 1 / 3}),
+                                       {**_COMBO_F, "semi_supervised": None}),
+    "combo_f_labelled_constant": Recipe("denoiseg", "combo_f with a constant labelled share of 0.75 (no ramp down): "
+                                        "the default recipe", _COMBO_F_CONSTANT),
     "combo_f_pseudo_unlabelled_only": Recipe("denoiseg", "combo_f with the pseudo-labels on the unlabelled patches only "
                                              "(FixMatch style; the labelled ones keep their true labels alone)",
-                                             {**_COMBO_E, "labelled_fraction": 0.75, "labelled_fraction_final": 0.25,
-                                              "denoising_finish_fraction": 1 / 3,
-                                              "semi_supervised": {**_PSEUDO_LABELS,
-                                                                  "params": {**_PSEUDO_LABELS["params"], "unlabelled_only": True}}}),
+                                             {**_COMBO_F, "semi_supervised": {
+                                                 **_PSEUDO_LABELS, "params": {**_PSEUDO_LABELS["params"], "unlabelled_only": True}}}),
+    # the issue's levers not yet measured on the default recipe, one at a time
+    "combo_f_labelled_constant_warm_start": Recipe("denoiseg", "the default recipe with Noise2Void alone for the first "
+                                                   "fifth of the epochs (self-supervised warm start)",
+                                                   {**_COMBO_F_CONSTANT, "warm_start_fraction": 1 / 5}),
+    "combo_f_labelled_constant_mse": Recipe("denoiseg", "the default recipe with mean-teacher consistency (squared "
+                                            "difference of the probabilities, weight 3, every pixel) instead of the "
+                                            "teacher's confident classes as pseudo-labels",
+                                            {**_COMBO_F_CONSTANT, "semi_supervised": _MEAN_TEACHER}),
     "combo_e_denoising_finish": Recipe("denoiseg", "combo_d_jitter_uncertainty, its last third of the epochs Noise2Void only "
                                        "(for best_denoising.pt; best.pt comes from the joint epochs)",
                                        {**_COMBO_E, "denoising_finish_fraction": 1 / 3}),
@@ -290,7 +295,7 @@ RECIPES: dict[str, Recipe] = {
     "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),
 }
 #: recipes drawn as lines in the plot, with their colours
-_PLOT_COLOURS = {"default": "tab:red", "combo_f": "tab:red", "combo_d_jitter_uncertainty": "tab:gray", "combo_d_jitter": "tab:blue",
+_PLOT_COLOURS = {"default": "tab:red", "combo_f_labelled_constant": "tab:red", "combo_f": "salmon", "combo_d_jitter_uncertainty": "tab:gray", "combo_d_jitter": "tab:blue",
                  "ema": "tab:cyan", "combo_d": "tab:pink", "baseline": "tab:green", "baseline_ema": "tab:olive", "sequential": "tab:purple", "paper": "tab:orange",
                  "denoiseg_v1": "tab:brown"}
 _BUDGET_MARKERS = {"cpu": "o", "screen": "s", "paper": "D"}
