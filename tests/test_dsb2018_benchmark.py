@@ -141,6 +141,17 @@ def test_end_to_end_on_real_data_subset(tmp_path):
     _check_outputs(results_dir, {"default", "baseline"})
 
 
+def test_the_validation_choice_compares_recipes_that_ran_the_most_seeds():
+    def row(recipe, seeds, val, method="denoiseg"):
+        return {"recipe": recipe, "method": method, "budget": "cpu", "noise": 20, "n_labelled": 10,
+                "seeds": list(range(seeds)), "validation_ap50_tuned": (val, 0.0)}
+
+    rows = [row("lucky", 1, 0.90), row("steady", 3, 0.70), row("weaker", 3, 0.65), row("baseline", 3, 0.95, "baseline")]
+    assert dsb._validation_choice(rows) == {("cpu", 20, 10): "steady"}
+    # with one seed each, the best mean wins as before
+    assert dsb._validation_choice([row("a", 1, 0.6), row("b", 1, 0.7)]) == {("cpu", 20, 10): "b"}
+
+
 def test_readme_table_is_the_benchmarks_own_output():
     """The README's results table is exactly what ``report`` makes of the committed results JSON."""
     results = dsb.load_results(dsb.RESULTS_DIR / dsb.RESULTS_JSON)
