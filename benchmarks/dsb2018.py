@@ -107,9 +107,10 @@ class Budget:
     @property
     def description(self) -> str:
         learning_rate = f"{self.learning_rate:.0e}".replace("e-0", "e-")  # 4e-4, as the paper writes it
+        shape = " (the paper shape: halved second convolutions)" if self.backbone.get("halve_second_conv") else ""
+        dropout = f", dropout {self.backbone['dropout']}" if self.backbone.get("dropout") else ""
         return (
-            f"U-Net depth {self.backbone['depth']}, {self.backbone['first_filters']} first filters"
-            f"{' (the paper shape: halved second convolutions)' if self.backbone.get('halve_second_conv') else ''}, batch "
+            f"U-Net depth {self.backbone['depth']}, {self.backbone['first_filters']} first filters{shape}{dropout}, batch "
             f"{self.batch_size}, {self.patch_size}x{self.patch_size} patches, {self.epochs} epochs x "
             f"{self.steps_per_epoch} steps, Adam {learning_rate} halved after {self.lr_patience} epochs "
             f"without improvement ({self.note})"
@@ -182,9 +183,9 @@ class Recipe:
         if not self.backbone and self.epochs_scale == 1.0:
             return budget
         epochs = max(1, round(budget.epochs * self.epochs_scale))
+        note = budget.note if epochs == budget.epochs else f"{budget.note}; {epochs} of its {budget.epochs} epochs for this recipe's network"
         return replace(budget, backbone={**budget.backbone, **self.backbone}, epochs=epochs,
-                       lr_patience=max(1, round(budget.lr_patience * self.epochs_scale)),
-                       note=f"{budget.note}; {epochs} of its {budget.epochs} epochs for this recipe's network")
+                       lr_patience=max(1, round(budget.lr_patience * self.epochs_scale)), note=note)
 
 
 #: the settings of the first DenoiSeg port (before this ablation); recipes below change one lever
@@ -280,6 +281,12 @@ RECIPES: dict[str, Recipe] = {
                                             "difference of the probabilities, weight 3, every pixel) instead of the "
                                             "teacher's confident classes as pseudo-labels",
                                             {**_COMBO_F_CONSTANT, "semi_supervised": _MEAN_TEACHER}),
+    "combo_f_labelled_constant_dropout": Recipe("denoiseg", "the default recipe with dropout 0.2 on the U-Net's "
+                                                "bottleneck and lower decoder features while training",
+                                                _COMBO_F_CONSTANT, backbone={"dropout": 0.2}),
+    "combo_f_labelled_constant_noise": Recipe("denoiseg", "the default recipe with extra Gaussian noise (standard deviation "
+                                              "up to 0.5 normalised units, about 15 on the 0..255 scale) on half of the "
+                                              "labelled patches", {**_COMBO_F_CONSTANT, "noise_augmentation": 0.5}),
     "combo_e_denoising_finish": Recipe("denoiseg", "combo_d_jitter_uncertainty, its last third of the epochs Noise2Void only "
                                        "(for best_denoising.pt; best.pt comes from the joint epochs)",
                                        {**_COMBO_E, "denoising_finish_fraction": 1 / 3}),

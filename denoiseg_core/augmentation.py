@@ -3,6 +3,9 @@
 :func:`elastic_deform` warps chosen patches and their targets with one smooth random
 displacement field per patch (``training.elastic_deformation``). It runs on whole batches
 without a host sync: unchosen patches get a zero field and are returned unchanged.
+:func:`add_noise` adds pixel-wise Gaussian noise of a random strength to chosen patches
+(``training.noise_augmentation``), so the labelled crops are seen at more noise levels than
+the few they were recorded at.
 """
 
 from __future__ import annotations
@@ -60,3 +63,13 @@ def elastic_deform(
         warped_target = warped_target.squeeze(1)
     targets = torch.where(chosen.to(targets.device).view((-1,) + (1,) * (targets.ndim - 1)), warped_target, targets)
     return patches, targets
+
+
+def add_noise(patches: torch.Tensor, chosen: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """``patches`` ``(B, C, *spatial)`` with pixel-wise Gaussian noise added where ``chosen`` (bool ``(B,)``)
+    is True; each chosen patch draws its standard deviation uniformly from ``[0, max_sigma]``."""
+    keep_batch_view = (-1,) + (1,) * (patches.ndim - 1)
+    sigma = torch.rand(patches.shape[0], generator=generator, device=generator.device) * max_sigma
+    sigma = sigma.to(patches.device) * chosen.to(device=patches.device, dtype=torch.float32)
+    noise = torch.randn(patches.shape, generator=generator, device=generator.device).to(patches.device)
+    return patches + (noise * sigma.view(keep_batch_view)).to(patches.dtype)

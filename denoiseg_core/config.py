@@ -155,6 +155,14 @@ class TrainingConfig(StrictModel):
         "(standard deviation of the displacement); those patches are left out of the denoising term (interpolation "
         "correlates their noise); 0: none, as the paper",
     )
+    noise_augmentation: float = Field(
+        0.0,
+        ge=0,
+        description="augment half of the labelled patches by adding pixel-wise Gaussian noise whose standard deviation "
+        "is drawn uniformly from [0, this] (normalised units), so segmentation learns more noise levels than the labelled "
+        "crops hold; those patches are left out of the denoising term (their noise is no longer the data's); 0: none, "
+        "as the paper",
+    )
     semi_supervised: ComponentConfig | None = Field(
         default_factory=lambda: ComponentConfig(
             name="mean_teacher", params={"loss": "cross_entropy", "confidence": 0.9, "weight": 1.0}

@@ -43,7 +43,7 @@ from denoiseg_core.data import (
     compute_normalization,
     load_training_data,
 )
-from denoiseg_core.augmentation import elastic_deform
+from denoiseg_core.augmentation import add_noise, elastic_deform
 from denoiseg_core.errors import ConfigError, DenoiSegError
 from denoiseg_core.evaluation import LiveModel, run_precision, scored_records, tune_instance_settings, validation_ap50
 from denoiseg_core.losses import denoiseg_loss
@@ -385,6 +385,17 @@ class Trainer:
         patches, targets = elastic_deform(patches, targets, chosen, magnitude, masks)
         return patches, targets, chosen
 
+    def _add_noise(self, patches, labelled):
+        """Half of the labelled patches with extra Gaussian noise (``training.noise_augmentation``);
+        returns the batch and which patches got it (``None``: none)."""
+        max_sigma = self.config.training.noise_augmentation
+        if max_sigma <= 0:
+            return patches, None
+        masks = self.state.streams.masks
+        coin = torch.rand(labelled.shape[0], generator=masks, device=masks.device).to(labelled.device) < 0.5
+        chosen = labelled & coin
+        return add_noise(patches, chosen, max_sigma, masks), chosen
+
     def _alpha(self, step: int) -> float:
         """The denoising weight of a joint training step (``training.alpha`` to ``alpha_final``)."""
         cfg = self.config.training
@@ -429,6 +440,9 @@ class Trainer:
         patches, targets, labelled = self._to_device(batch)
         patches = self._jitter_intensity(patches)
         patches, targets, deformed = self._deform_elastically(patches, targets, labelled)
+        patches, noised = self._add_noise(patches, labelled)
+        # warped or re-noised patches: their noise is no longer the data's, so they skip the denoising term
+        no_denoising = deformed if noised is None else (noised if deformed is None else deformed | noised)
         warm = self.denoising_only_phase(self.epoch) is not None
         total, denoise, seg = self._losses(
             patches,
@@ -439,7 +453,7 @@ class Trainer:
             alpha=1.0 if warm else self._alpha(step),
             semi_supervised=None if warm else self._joint_progress(step),
             learned_weights=not warm,
-            no_denoising=deformed,
+            no_denoising=no_denoising,
         )
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

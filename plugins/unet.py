@@ -22,6 +22,13 @@ class UNetParams(ComponentParams):
     first_filters: int = Field(32, ge=1, description="feature channels at full resolution (doubled per level)")
     kernel_size: int = Field(3, ge=1, description="convolution kernel size (odd)")
     batch_norm: bool = Field(True, description="batch normalisation after every convolution")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout probability on the features of the bottleneck and of the decoder levels below the top, "
+        "while training (a regulariser for few labels; off at inference and in exported models); 0: none, as the paper",
+    )
 
     @field_validator("kernel_size")
     @classmethod
@@ -57,6 +64,7 @@ def unet_family_backbone(
             "first_filters": params.first_filters,
             "kernel_size": params.kernel_size,
             "batch_norm": params.batch_norm,
+            "dropout": params.dropout,
             **options(params),
         }
 

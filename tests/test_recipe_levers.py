@@ -1,5 +1,5 @@
 """The few-shot recipe's levers (EMA, warm start, denoising finish, semi-supervised objective, weight decay,
-intensity jitter, elastic deformation, learned loss weights, alpha and labelled-fraction
+intensity jitter, elastic deformation, noise augmentation, learned loss weights, alpha and labelled-fraction
 schedules, checkpoint choice at the tuned threshold): each runs, does what it says, and
 resumes exactly."""
 
@@ -43,6 +43,7 @@ ALL_LEVERS = {
     "intensity_jitter": 0.2,
     "semi_supervised": {"name": "mean_teacher", "params": {"ramp_up": 0.5, "confidence": 0.5}},
     "elastic_deformation": 2.0,
+    "noise_augmentation": 0.3,
     "loss_weighting": "uncertainty",
     "labelled_fraction_final": 0.1,
     "denoising_finish_fraction": 0.3,  # the last of the 3 epochs
@@ -345,3 +346,37 @@ def test_denoising_finish_keeps_a_joint_epoch_and_needs_both_terms(tiny_config, 
     assert finish_epochs(epochs=1, denoising_finish_fraction=0.5) == 0
     assert finish_epochs(epochs=30, denoising_finish_fraction=0.5, alpha=0.0) == 0  # segmentation only
     assert finish_epochs(epochs=30, denoising_finish_fraction=0.5, alpha=1.0) == 0  # Noise2Void throughout
+
+
+def test_noise_augmentation_adds_noise_of_random_bounded_strength_to_chosen_patches_only():
+    from denoiseg_core.augmentation import add_noise
+
+    patches = torch.zeros(64, 1, 32, 32)
+    chosen = torch.arange(64) % 2 == 0
+    noised = add_noise(patches, chosen, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(noised[~chosen], patches[~chosen])
+    strengths = noised[chosen].flatten(1).std(dim=1)
+    assert float(strengths.max()) < 0.55 and float(strengths.max()) > 0.35  # uniform in [0, 0.5]
+    assert float(strengths.min()) < 0.15
+    assert abs(float(noised[chosen].mean())) < 0.02
+
+
+def test_noise_augmentation_noises_labelled_patches_and_leaves_them_out_of_denoising(tiny_config, dataset, tmp_path):
+    config = _config(tiny_config, dataset, tmp_path / "run", batch_size=16, labelled_fraction=0.5,
+                     noise_augmentation=0.5, intensity_jitter=0.0, elastic_deformation=0.0)
+    trainer = Trainer(config, progress=False, log=lambda _: None)
+    seen = {}
+    losses = trainer._losses
+
+    def recording_losses(patches, targets, labelled, *args, **kwargs):
+        seen.update(patches=patches, labelled=labelled, no_denoising=kwargs["no_denoising"])
+        return losses(patches, targets, labelled, *args, **kwargs)
+
+    trainer._losses = recording_losses
+    batch = trainer._to_device(next(trainer.batches()))
+    trainer.train_step(batch)
+    changed = (seen["patches"] != batch[0]).flatten(1).any(dim=1)
+    # the patches that got noise are exactly those the denoising term leaves out, some of the labelled ones
+    assert torch.equal(changed, seen["no_denoising"])
+    assert bool(changed.any()) and not bool((changed & ~batch[2]).any())
+    assert int(changed.sum()) < int(batch[2].sum())

@@ -126,7 +126,7 @@ def test_source_file_imports_only_torch(registry):
     assert imports <= {"torch", "typing", "math"}
 
 
-@pytest.mark.parametrize("bad", [{"depth": 7}, {"depth": 0}, {"kernel_size": 4}, {"first_filters": 0}, {"dropout": 0.1}])
+@pytest.mark.parametrize("bad", [{"depth": 7}, {"depth": 0}, {"kernel_size": 4}, {"first_filters": 0}, {"dropout": 1.0}, {"dropout": -0.1}, {"drop_out": 0.1}])
 def test_params_reject_invalid(bad):
     with pytest.raises(ValidationError):
         UNetParams(**bad)
@@ -149,3 +149,29 @@ def test_halved_second_convolution_is_the_original_shape(registry):
     assert net.bottleneck[-3].out_channels == 16 and net.decoders[0][-3].out_channels == 8
     assert net.decoders[-1][-3].out_channels == 8 and net.output.in_channels == 8
     check_backbone("unet", params={"depth": 2, "first_filters": 8, "halve_second_conv": True}, registry=registry)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "res_unet", "n2v2_unet"])
+def test_dropout_acts_while_training_only_and_adds_no_weights(backbone, registry):
+    """``dropout``: random while training, the identity in eval mode (the network then equals the same
+    weights without dropout), no new state-dict entries, and the backbone stays exportable."""
+    from denoiseg_core.testing import check_backbone
+
+    spec = registry.get("backbone", backbone).spec
+    params = {"depth": 2, "first_filters": 4}
+    torch.manual_seed(0)
+    with_dropout = spec.build(spec.params(**params, dropout=0.5), ndim=2, in_channels=2, out_channels=5)
+    without = spec.build(spec.params(**params), ndim=2, in_channels=2, out_channels=5)
+    assert with_dropout.state_dict().keys() == without.state_dict().keys()
+    without.load_state_dict(with_dropout.state_dict())
+    x = torch.randn(2, 2, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(with_dropout.eval()(x), without.eval()(x))
+        with_dropout.train()
+        assert not torch.equal(with_dropout(x), with_dropout(x))
+    # off by default: the scripted default network holds no dropout at all
+    assert "aten::dropout" not in str(torch.jit.script(without).inlined_graph)
+    assert "aten::dropout" in str(torch.jit.script(with_dropout).inlined_graph)
+    check_backbone(backbone, params={**params, "dropout": 0.5}, registry=registry)
+    with pytest.raises(ValidationError):
+        spec.params(dropout=1.0)
