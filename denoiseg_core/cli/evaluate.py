@@ -69,7 +69,7 @@ def evaluate_command(
     from denoiseg_core.metrics import format_table
     from denoiseg_core.runtime import resolve_device, resolve_precision
 
-    if clean is None and denoiser not in ("auto", "same"):
+    if clean is None and inputs.names_denoiser_file(denoiser):
         raise ConfigError(f"--denoiser {denoiser}: the denoiser is only scored by PSNR, which needs --clean (the noise-free images)")
     model = inputs.load_model(checkpoint, trust_checkpoint)
     # only PSNR needs the denoised images

@@ -145,6 +145,15 @@ DenoiserOption = Annotated[
 ]
 
 
+#: the ``--denoiser`` choices that name no file of their own
+DENOISER_RULES = ("auto", "same")
+
+
+def names_denoiser_file(choice: str) -> bool:
+    """Whether ``--denoiser`` names a checkpoint file rather than a rule (:data:`DENOISER_RULES`)."""
+    return choice not in DENOISER_RULES
+
+
 def load_denoiser(checkpoint: Path, choice: str, model: LoadedModel, trust_checkpoint: bool = False) -> LoadedModel | None:
     """The model that denoises when it is not ``model`` itself (``--denoiser``; None: ``model``)."""
     from denoiseg_core.checkpoint import run_denoiser_path
