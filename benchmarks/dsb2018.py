@@ -284,6 +284,9 @@ RECIPES: dict[str, Recipe] = {
     "combo_f_labelled_constant_dropout": Recipe("denoiseg", "the default recipe with dropout 0.2 on the U-Net's "
                                                 "bottleneck and lower decoder features while training",
                                                 _COMBO_F_CONSTANT, backbone={"dropout": 0.2}),
+    "combo_f_labelled_constant_dropout_0.4": Recipe("denoiseg", "the default recipe with dropout 0.4 (as "
+                                                    "combo_f_labelled_constant_dropout, stronger)",
+                                                    _COMBO_F_CONSTANT, backbone={"dropout": 0.4}),
     "combo_f_labelled_constant_noise": Recipe("denoiseg", "the default recipe with extra Gaussian noise (standard deviation "
                                               "up to 0.5 normalised units, about 15 on the 0..255 scale) on half of the "
                                               "labelled patches", {**_COMBO_F_CONSTANT, "noise_augmentation": 0.5}),
