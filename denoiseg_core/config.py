@@ -161,7 +161,8 @@ class TrainingConfig(StrictModel):
         description="augment half of the labelled patches by adding pixel-wise Gaussian noise whose standard deviation "
         "is drawn uniformly from [0, this] (normalised units), so segmentation learns more noise levels than the labelled "
         "crops hold; those patches are left out of the denoising term (their noise is no longer the data's); 0: none, "
-        "as the paper",
+        "as the paper. Not in the default: on DSB2018 (n20, 10 labelled crops, screen budget, 3 seeds) 0.5 gave "
+        "validation AP@0.5 0.685 against the default's 0.682, less than the seeds scatter",
     )
     semi_supervised: ComponentConfig | None = Field(
         default_factory=lambda: ComponentConfig(
