@@ -379,10 +379,8 @@ class Trainer:
         magnitude = self.config.training.elastic_deformation
         if magnitude <= 0:
             return patches, targets, None
-        masks = self.state.streams.masks
-        coin = torch.rand(labelled.shape[0], generator=masks, device=masks.device).to(labelled.device) < 0.5
-        chosen = labelled & coin
-        patches, targets = elastic_deform(patches, targets, chosen, magnitude, masks)
+        chosen = self._half_of_labelled(labelled)
+        patches, targets = elastic_deform(patches, targets, chosen, magnitude, self.state.streams.masks)
         return patches, targets, chosen
 
     def _add_noise(self, patches, labelled):
@@ -391,10 +389,14 @@ class Trainer:
         max_sigma = self.config.training.noise_augmentation
         if max_sigma <= 0:
             return patches, None
+        chosen = self._half_of_labelled(labelled)
+        return add_noise(patches, chosen, max_sigma, self.state.streams.masks), chosen
+
+    def _half_of_labelled(self, labelled: torch.Tensor) -> torch.Tensor:
+        """A fair coin per patch (from the masks stream) picks about half of the ``labelled`` ones."""
         masks = self.state.streams.masks
         coin = torch.rand(labelled.shape[0], generator=masks, device=masks.device).to(labelled.device) < 0.5
-        chosen = labelled & coin
-        return add_noise(patches, chosen, max_sigma, masks), chosen
+        return labelled & coin
 
     def _alpha(self, step: int) -> float:
         """The denoising weight of a joint training step (``training.alpha`` to ``alpha_final``)."""

@@ -29,7 +29,7 @@ class UNetParams(ComponentParams):
         description="dropout probability on the features of the bottleneck and of the decoder levels below the top, "
         "while training (a regulariser for few labels; off at inference and in exported models); 0: none, as the paper. "
         "Not (yet) in the default recipe: on DSB2018 (n20, 10 labelled crops, 3 seeds) 0.2 raised validation AP@0.5 from "
-        "0.692 to 0.701 at the cpu budget (0.682 to 0.685 at the screen budget); the other settings are still being checked",
+        "0.692 to 0.701 at the cpu budget (0.682 to 0.685 at the screen budget); n40 has 2 of the 3 seeds a new default needs",
     )
 
     @field_validator("kernel_size")
