@@ -208,6 +208,9 @@ RECIPES: dict[str, Recipe] = {
     "baseline_ema": Recipe("baseline", "the baseline with the evaluation levers every recipe may use: EMA 0.99 "
                            "and checkpoint by AP at the tuned threshold",
                            {**_TUNED, "labelled_fraction": None, "ema_decay": 0.99}),
+    "baseline_dropout": Recipe("baseline", "the baseline with dropout 0.2 on the U-Net's bottleneck and lower decoder "
+                               "features (the default recipe's regulariser: is the gain joint training's or dropout's?)",
+                               {**_V1, "labelled_fraction": None}, backbone={"dropout": 0.2}),
     "sequential": Recipe("sequential", "the paper's Sequential: N2V for half the steps, then segmentation only "
                          "on the denoised labelled crops", {**_V1, "labelled_fraction": None}),
     "n2v": Recipe("n2v", "pure Noise2Void (alpha 1), for the denoising comparison",
