@@ -161,6 +161,10 @@ BUDGETS: dict[str, Budget] = {
 METHOD_ALPHA = {"denoiseg": 0.5, "baseline": 0.0, "n2v": 1.0, "sequential": 0.0}
 
 
+#: the benchmark's network before dropout 0.2 became the ``unet`` backbone's default
+_NO_DROPOUT = {"dropout": 0.0}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A named training recipe: a method plus the training settings it changes.
@@ -168,14 +172,16 @@ class Recipe:
     ``training`` holds ``training.*`` config values; ``warm_start_fraction`` there is turned into
     ``warm_start_epochs`` of the budget. A recipe that leaves a setting out gets the config's
     default, so ``default`` is exactly what ``denoiseg train`` does. ``backbone`` changes the
-    budget's U-Net parameters and ``epochs_scale`` its number of epochs (a bigger network at
-    equal wall-clock time trains fewer steps).
+    budget's U-Net parameters (by default it keeps the network every recipe ran with before dropout
+    joined the default recipe: no dropout; ``default`` sets nothing, so it gets the ``unet``
+    backbone's defaults) and ``epochs_scale`` its number of epochs (a bigger network at equal
+    wall-clock time trains fewer steps).
     """
 
     method: str
     description: str
     training: dict[str, Any] = field(default_factory=dict)
-    backbone: dict[str, Any] = field(default_factory=dict)
+    backbone: dict[str, Any] = field(default_factory=lambda: dict(_NO_DROPOUT))
     epochs_scale: float = 1.0
 
     def budget(self, budget: Budget) -> Budget:
@@ -271,26 +277,26 @@ RECIPES: dict[str, Recipe] = {
     "combo_f_no_pseudo_labels": Recipe("denoiseg", "combo_f without the semi-supervised term (no pseudo-labels; EMA kept)",
                                        {**_COMBO_F, "semi_supervised": None}),
     "combo_f_labelled_constant": Recipe("denoiseg", "combo_f with a constant labelled share of 0.75 (no ramp down): "
-                                        "the default recipe", _COMBO_F_CONSTANT),
+                                        "the default recipe before dropout", _COMBO_F_CONSTANT),
     "combo_f_pseudo_unlabelled_only": Recipe("denoiseg", "combo_f with the pseudo-labels on the unlabelled patches only "
                                              "(FixMatch style; the labelled ones keep their true labels alone)",
                                              {**_COMBO_F, "semi_supervised": {
                                                  **_PSEUDO_LABELS, "params": {**_PSEUDO_LABELS["params"], "unlabelled_only": True}}}),
-    # the issue's levers not yet measured on the default recipe, one at a time
-    "combo_f_labelled_constant_warm_start": Recipe("denoiseg", "the default recipe with Noise2Void alone for the first "
+    # the issue's levers not yet measured on combo_f_labelled_constant, one at a time
+    "combo_f_labelled_constant_warm_start": Recipe("denoiseg", "combo_f_labelled_constant with Noise2Void alone for the first "
                                                    "fifth of the epochs (self-supervised warm start)",
                                                    {**_COMBO_F_CONSTANT, "warm_start_fraction": 1 / 5}),
-    "combo_f_labelled_constant_mse": Recipe("denoiseg", "the default recipe with mean-teacher consistency (squared "
+    "combo_f_labelled_constant_mse": Recipe("denoiseg", "combo_f_labelled_constant with mean-teacher consistency (squared "
                                             "difference of the probabilities, weight 3, every pixel) instead of the "
                                             "teacher's confident classes as pseudo-labels",
                                             {**_COMBO_F_CONSTANT, "semi_supervised": _MEAN_TEACHER}),
-    "combo_f_labelled_constant_dropout": Recipe("denoiseg", "the default recipe with dropout 0.2 on the U-Net's "
-                                                "bottleneck and lower decoder features while training",
+    "combo_f_labelled_constant_dropout": Recipe("denoiseg", "combo_f_labelled_constant with dropout 0.2 on the U-Net's "
+                                                "bottleneck and lower decoder features while training: the default recipe",
                                                 _COMBO_F_CONSTANT, backbone={"dropout": 0.2}),
-    "combo_f_labelled_constant_dropout_0.4": Recipe("denoiseg", "the default recipe with dropout 0.4 (as "
+    "combo_f_labelled_constant_dropout_0.4": Recipe("denoiseg", "combo_f_labelled_constant with dropout 0.4 (as "
                                                     "combo_f_labelled_constant_dropout, stronger)",
                                                     _COMBO_F_CONSTANT, backbone={"dropout": 0.4}),
-    "combo_f_labelled_constant_noise": Recipe("denoiseg", "the default recipe with extra Gaussian noise (standard deviation "
+    "combo_f_labelled_constant_noise": Recipe("denoiseg", "combo_f_labelled_constant with extra Gaussian noise (standard deviation "
                                               "up to 0.5 normalised units, about 15 on the 0..255 scale) on half of the "
                                               "labelled patches", {**_COMBO_F_CONSTANT, "noise_augmentation": 0.5}),
     "combo_e_denoising_finish": Recipe("denoiseg", "combo_d_jitter_uncertainty, its last third of the epochs Noise2Void only "
@@ -301,16 +307,21 @@ RECIPES: dict[str, Recipe] = {
     "combo_d_jitter_paper_unet": Recipe("denoiseg", "combo_d_jitter on the paper's U-Net shape (depth 4, 32 first filters, "
                                  "halved second convolutions, 5.5 M parameters) for half the epochs (equal "
                                  "wall-clock time on CPU)", _COMBO_D_JITTER, backbone={"depth": 4, "first_filters": 32,
-                                                                      "halve_second_conv": True},
+                                                                      "halve_second_conv": True, **_NO_DROPOUT},
                                  epochs_scale=0.5),
     "combo_c": Recipe("denoiseg", "EMA + warm start + half labelled",
                       {**_TUNED, "ema_decay": 0.99, "warm_start_fraction": 1 / 3, "labelled_fraction": 0.5}),
-    "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig), nothing overridden"),
+    "default": Recipe("denoiseg", "the defaults of `denoiseg train` (TrainingConfig and the unet backbone's "
+                      "parameters but its size), nothing overridden", backbone={}),
 }
-#: recipes drawn as lines in the plot, with their colours
-_PLOT_COLOURS = {"default": "tab:red", "combo_f_labelled_constant": "tab:red", "combo_f": "salmon", "combo_d_jitter_uncertainty": "tab:gray", "combo_d_jitter": "tab:blue",
-                 "ema": "tab:cyan", "combo_d": "tab:pink", "baseline": "tab:green", "baseline_ema": "tab:olive", "sequential": "tab:purple", "paper": "tab:orange",
-                 "denoiseg_v1": "tab:brown"}
+#: recipes drawn as lines in the plot, with their colours: the default, the recipe before it, the baselines and
+#: the paper's recipes (the README table has every recipe)
+_PLOT_COLOURS = {"default": "tab:red", "combo_f_labelled_constant_dropout": "tab:red", "combo_f_labelled_constant": "gold",
+                 "baseline": "tab:green", "baseline_dropout": "tab:olive", "sequential": "tab:purple", "paper": "tab:orange"}
+#: the budget the plot shows when its runs are there (the one the README's targets are on)
+_PLOTTED_BUDGET = "cpu"
+#: what the legend says beside a recipe's name
+_PLOT_NOTES = {"combo_f_labelled_constant_dropout": "the default", "combo_f_labelled_constant": "the default before dropout"}
 _BUDGET_MARKERS = {"cpu": "o", "screen": "s", "paper": "D"}
 
 
@@ -804,7 +815,9 @@ def plot_png(results: dict[str, Any]) -> bytes:
 
     shown = tuple(_PLOT_COLOURS)
     rows = [r for r in summarise(results["runs"]) if r["recipe"] in shown and r["ap50"] is not None]
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    if any(r["budget"] == _PLOTTED_BUDGET for r in rows):
+        rows = [r for r in rows if r["budget"] == _PLOTTED_BUDGET]
+    fig, ax = plt.subplots(figsize=(9.6, 4.6))
     series: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         series.setdefault((row["budget"], row["noise"], row["recipe"]), []).append(row)
@@ -818,7 +831,7 @@ def plot_png(results: dict[str, Any]) -> bytes:
         seeds = "/".join(sorted({str(len(r["seeds"])) for r in members}))
         ax.errorbar(x, y, yerr=err, color=_PLOT_COLOURS[recipe], marker=_BUDGET_MARKERS.get(budget, "P"),
                     linestyle=_NOISE_LINES.get(noise, ":"), capsize=3,
-                    label=f"{recipe} ({budget}, n{noise:g}; {seeds} seed(s))")
+                    label=f"{recipe}{' = ' + _PLOT_NOTES[recipe] if recipe in _PLOT_NOTES else ''} ({budget}, n{noise:g}; {seeds} seed(s))")
     shown_noise = {row["noise"] for row in rows}
     first = True
     for (noise, count), figures in sorted(PAPER_AP50.items()):
@@ -837,11 +850,12 @@ def plot_png(results: dict[str, Any]) -> bytes:
         ax.set_xlim(min(counts) / 1.5, max(counts) * 1.5)
     ax.set_xlabel("labelled 128x128 training crops")
     ax.set_ylabel("test AP@0.5")
-    ax.set_ylim(0, 1)
+    lowest = min([r["ap50"][0] - (r["ap50"][1] or 0.0) for r in rows] + [min(min(f.values()) for f in PAPER_AP50.values())])
+    ax.set_ylim(max(0.0, round(lowest - 0.05, 1)), 1)
     ax.set_title("DSB2018 few-shot: recipes against the segmentation-only baseline")
     ax.grid(alpha=0.3)
     if series:
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

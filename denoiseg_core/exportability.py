@@ -104,7 +104,13 @@ def torchscript_file_version(data: bytes) -> int:
 
 
 def _plain_copy(net: nn.Module) -> nn.Module:
+    """An inference copy of ``net``: on the CPU, in eval mode, without gradients and without dropout
+    modules (the identity at inference; a scripted one would still put a dropout call in the file)."""
     net = copy.deepcopy(net).cpu().eval()
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            parent, _, attribute = name.rpartition(".")
+            setattr(net.get_submodule(parent), attribute, nn.Identity())
     for parameter in net.parameters():
         parameter.requires_grad_(False)
     return net

@@ -187,7 +187,47 @@ def test_a_recipe_with_its_own_network_gets_its_share_of_the_budget(tmp_path):
     assert budget.steps_per_epoch == screen.steps_per_epoch and budget.batch_size == screen.batch_size
     assert "halved second convolutions" in budget.description
     config = dsb.make_config(dsb.RunSpec("screen", "combo_d_jitter_paper_unet", 20.0, 10, 0), budget, tmp_path / "run")
-    assert config.model.backbone.params == {"depth": 4, "first_filters": 32, "halve_second_conv": True}
+    assert config.model.backbone.params == {"depth": 4, "first_filters": 32, "halve_second_conv": True, "dropout": 0.0}
     assert config.training.epochs == budget.epochs
-    # every other recipe keeps the budget as it is
+    # `default` keeps the budget as it is
     assert dsb.RECIPES["default"].budget(screen) is screen
+
+
+@pytest.mark.parametrize("budget", ["cpu", "screen"])
+def test_the_default_recipe_is_what_denoiseg_train_does_and_what_the_readme_measured(budget, tmp_path):
+    """``default`` overrides nothing but the budget's size, so it is ``denoiseg train``'s recipe; the README's
+    figures for the default come from ``combo_f_labelled_constant_dropout``, which must train the same
+    network with the same settings. Every other recipe keeps the network the grid ran with (no dropout)."""
+    from denoiseg_core.config import validate_components
+
+    def resolved(recipe: str) -> tuple[dict, dict]:
+        spec = dsb.RunSpec(budget, recipe, 20.0, 10, 0)
+        config = dsb.make_config(spec, dsb.RECIPES[recipe].budget(dsb.BUDGETS[budget]), tmp_path / "run")
+        return validate_components(config)["backbone"].model_dump(), config.model_dump(exclude={"model"})
+
+    default_network, default_rest = resolved("default")
+    assert default_network["dropout"] == 0.2 and default_network["depth"] == dsb.BUDGETS[budget].backbone["depth"]
+    assert resolved("combo_f_labelled_constant_dropout") == (default_network, default_rest)
+    assert resolved("combo_f_labelled_constant") == ({**default_network, "dropout": 0.0}, default_rest)
+    for recipe in ("baseline", "paper", "sequential", "combo_d_jitter_paper_unet"):
+        assert resolved(recipe)[0]["dropout"] == 0.0, recipe
+
+
+def test_the_readmes_paper_recipe_is_the_benchmarks_paper_recipe(tmp_path):
+    """The README says the paper's recipe is one option set away: those ``--set`` options on the defaults
+    give every training setting and the network of the benchmark's ``paper`` recipe."""
+    import re
+
+    from denoiseg_core.config import load_config, validate_components
+
+    readme = (BENCHMARK.parents[1] / "README.md").read_text()
+    sentence = readme[readme.index("The paper's recipe: "):readme.index("(the `paper` recipe of the benchmark")]
+    overrides = re.findall(r"--set\s+([\w.]+=\S+?)`?(?=\s|$)", sentence)
+    assert len(overrides) >= 8, overrides
+    from_readme = load_config(overrides=overrides)
+    spec = dsb.RunSpec("cpu", "paper", 20.0, 10, 0)
+    benchmark = dsb.make_config(spec, dsb.RECIPES["paper"].budget(dsb.BUDGETS["cpu"]), tmp_path / "run")
+    for key in dsb.RECIPES["paper"].training:
+        assert getattr(from_readme.training, key) == getattr(benchmark.training, key), key
+    assert from_readme.training.alpha == benchmark.training.alpha == 0.5
+    assert validate_components(from_readme)["backbone"].dropout == validate_components(benchmark)["backbone"].dropout == 0.0

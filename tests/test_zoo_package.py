@@ -191,6 +191,7 @@ def test_weights_suit_old_runtimes(exported):
     assert exportability.torchscript_file_version(torchscript) <= exportability.MAX_TORCHSCRIPT_FILE_VERSION
     module = torch.jit.load(io.BytesIO(torchscript))
     assert exportability.torchscript_op_kinds(module) <= exportability.LONG_STANDING_TORCHSCRIPT_OPS
+    assert "aten::dropout" not in exportability.torchscript_op_kinds(module)  # trained with dropout, exported without
     # the serialised code (what an old runtime parses, every branch included) as well
     assert {o.op for o in exportability.serialised_torchscript_ops(torchscript)} <= exportability.LONG_STANDING_TORCHSCRIPT_OPS
     assert exportability.old_runtime_problems(module, torchscript) == []
@@ -209,6 +210,10 @@ def test_architecture_source_rebuilds_the_network(exported, tmp_path):
     network.load_state_dict(torch.load(io.BytesIO(_member(exported["package"], entry["source"])), weights_only=True))
     network.eval()
     model = load_checkpoint(exported["checkpoint"])
+    # trained with the default dropout; the package's network, for inference, has none
+    assert any(isinstance(m, torch.nn.Dropout) for m in model.inference_net().modules())
+    assert entry["architecture"]["kwargs"]["backbone_kwargs"]["dropout"] == 0.0
+    assert not any(isinstance(m, torch.nn.Dropout) for m in network.modules())
     batch = _normalised_input(model, (64, 64))
     with torch.inference_mode():
         np.testing.assert_allclose(network(torch.from_numpy(batch)).numpy(),
