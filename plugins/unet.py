@@ -15,6 +15,12 @@ from denoiseg_core.hookspecs import hookimpl
 from denoiseg_plugins import unet_arch
 
 
+_DROPOUT = (
+    "dropout probability on the features of the bottleneck and of the decoder levels below the top, while training "
+    "(a regulariser for few labels; off at inference and left out of exported models); 0: none, as the paper"
+)
+
+
 class UNetParams(ComponentParams):
     """Parameters of the U-Net family's backbones (DenoiSeg paper defaults)."""
 
@@ -22,14 +28,7 @@ class UNetParams(ComponentParams):
     first_filters: int = Field(32, ge=1, description="feature channels at full resolution (doubled per level)")
     kernel_size: int = Field(3, ge=1, description="convolution kernel size (odd)")
     batch_norm: bool = Field(True, description="batch normalisation after every convolution")
-    dropout: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="dropout probability on the features of the bottleneck and of the decoder levels below the top, "
-        "while training (a regulariser for few labels; off at inference and left out of exported models); 0: none, "
-        "as the paper",
-    )
+    dropout: float = Field(0.0, ge=0, lt=1, description=_DROPOUT)
 
     @field_validator("kernel_size")
     @classmethod
@@ -40,16 +39,15 @@ class UNetParams(ComponentParams):
 
 
 class PlainUNetParams(UNetParams):
-    """Parameters of the ``unet`` backbone: the family's, plus the original network's shape."""
+    """Parameters of the ``unet`` backbone: the family's, with the default recipe's dropout, plus the
+    original network's shape."""
 
     dropout: float = Field(
         0.2,
         ge=0,
         lt=1,
-        description="dropout probability on the features of the bottleneck and of the decoder levels below the top, "
-        "while training (a regulariser for few labels; off at inference and left out of exported models); 0: none, "
-        "as the paper. 0.2 is part of the default recipe, chosen on DSB2018 validation data (n20, 10 labelled crops, "
-        "3 seeds, cpu budget: validation AP@0.5 0.701 against 0.692 without)",
+        description=_DROPOUT + ". 0.2 is part of the default recipe, chosen on DSB2018 validation data (n20, 10 "
+        "labelled crops, 3 seeds, cpu budget: validation AP@0.5 0.701 against 0.692 without)",
     )
     halve_second_conv: bool = Field(
         False,
