@@ -345,6 +345,19 @@ def validate_components(config: DenoiSegConfig, registry=None) -> dict[str, Any]
     return out
 
 
+def fill_component_params(config: DenoiSegConfig, registry=None) -> DenoiSegConfig:
+    """Write every component's parameters out in full (defaults included), in place.
+
+    A run's config and checkpoints then keep the settings it trained with when a later version
+    changes a component's default (e.g. the ``unet`` backbone's dropout), so a resumed run goes
+    on as it started.
+    """
+    for kind, params in validate_components(config, registry).items():
+        section = config.training if kind == "semi_supervised" else config.model
+        getattr(section, kind).params = params.model_dump(mode="json")
+    return config
+
+
 def save_config(config: DenoiSegConfig, path: Path) -> None:
     from denoiseg_core.io import atomic_write_text
 

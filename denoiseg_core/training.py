@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from denoiseg_core.checkpoint import BEST_DENOISING, read_checkpoint_state, read_package_state
-from denoiseg_core.config import DenoiSegConfig, save_config, stored_config, validate_components
+from denoiseg_core.config import DenoiSegConfig, fill_component_params, save_config, stored_config, validate_components
 from denoiseg_core.components import InstanceSettings
 from denoiseg_core.data import (
     ImageRecord,
@@ -138,6 +138,7 @@ class Trainer:
                 ("head", config.model.head.name),
             ],
         )
+        fill_component_params(config, self.registry)
         self.built: BuiltModel = build_model(config, self.ndim, self.in_channels, self.registry)
         self.normalization = compute_normalization(self.train_records)
         if init_from is not None:
@@ -277,7 +278,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _resume(self, path: Path) -> None:
         checkpoint = read_checkpoint_state(path)
-        saved = stored_config(checkpoint["config"])
+        # filled in as this run's config is (a checkpoint from before that lists only the params it was given)
+        saved = fill_component_params(stored_config(checkpoint["config"]), self.registry)
         if saved.model != self.config.model:
             raise ConfigError(f"{path}: the model settings differ from the run being resumed; resume with the run's own config")
         self.state.restore(checkpoint, path)

@@ -61,7 +61,7 @@ def test_2d_training_writes_checkpoints_log_and_curves(tiny_config, dataset_2d, 
     assert run.instance_settings.threshold in THRESHOLDS
     assert model.tuned_settings == run.instance_settings
     assert read_checkpoint_state(run.last_checkpoint)["instance_settings"] == run.instance_settings.model_dump()
-    assert model.config.model.backbone.params == {"depth": 2, "first_filters": 8}
+    assert {"depth": 2, "first_filters": 8}.items() <= model.config.model.backbone.params.items()  # and the defaults
     assert model.versions["plugins"].get("denoiseg")
     assert model.ndim == 2 and model.in_channels == 1
 
@@ -126,6 +126,31 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, datase
     res_state = read_checkpoint_state(resumed.last_checkpoint)["model_state"]
     for key in ref_state:
         assert torch.allclose(ref_state[key].float(), res_state[key].float(), atol=1e-6), key
+
+
+def test_a_run_records_every_component_setting_and_resumes_checkpoints_that_list_only_some(tiny_config, dataset_2d, tmp_path):
+    """The run's config and checkpoints list every component parameter, defaults included (a later default change
+    cannot alter a resumed run); a checkpoint written before that, listing only the given ones, still resumes."""
+    import yaml
+
+    config = _config(tiny_config, dataset_2d, tmp_path / "run", epochs=1)
+    assert config.model.backbone.params == {"depth": 2, "first_filters": 8}
+    first = train(config, progress=False, log=lambda _: None)
+    assert config.model.backbone.params == {"depth": 2, "first_filters": 8}  # the caller's config is left alone
+    stored = read_checkpoint_state(first.last_checkpoint)["config"]
+    assert stored["model"]["backbone"]["params"] == {"depth": 2, "first_filters": 8, "kernel_size": 3, "batch_norm": True,
+                                                     "dropout": 0.2, "halve_second_conv": False}
+    assert set(stored["model"]["masking"]["params"]) >= {"percentage", "radius"}
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"] == stored["model"]
+
+    # the same checkpoint as an older version wrote it: only the parameters the user gave
+    state = read_checkpoint_state(first.last_checkpoint)
+    state["config"]["model"]["backbone"]["params"] = {"depth": 2, "first_filters": 8}
+    state["config"]["model"]["masking"]["params"] = {}
+    torch.save(state, first.last_checkpoint)
+    resumed = train(_config(tiny_config, dataset_2d, tmp_path / "run", epochs=2), resume=True, progress=False,
+                    log=lambda _: None)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
 
 
 def test_resume_without_a_run_is_a_clear_error(tiny_config, dataset_2d, tmp_path):
